@@ -1,0 +1,301 @@
+//! open_clip's CLIP: a ViT image tower and a causal text tower, each ending in a projection
+//! to the shared embedding space, with a hook after every block's MLP where HarMA's adapters
+//! plug in.
+//!
+//! Reference: open_clip `src/open_clip/transformer.py` (`ResidualAttentionBlock`,
+//! `VisionTransformer`, `TextTransformer`) and `model.py` (`CLIP.encode_image/encode_text`).
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Activation, ClipConfig};
+use crate::ops::{self, LayerNorm, Linear, MultiHeadAttention};
+use crate::Result;
+
+/// Which tower a block belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tower {
+    Vision,
+    Text,
+}
+
+/// Something that rewrites each block's MLP output before the residual add
+/// (HarMA: `m = a * adapter(m) + (1 - a) * m`). `None` means plain CLIP.
+pub trait BlockHook: Send + Sync {
+    /// `m`: the block's MLP output [b, l, d]; returns the tensor added to the residual stream.
+    fn mlp_out(&self, tower: Tower, block: usize, m: &Tensor) -> Result<Tensor>;
+
+    /// Whether the hook mixes positions of the text sequence, so that padding after the
+    /// end-of-text token changes the result and the sequence may not be shortened.
+    fn reads_text_padding(&self) -> bool {
+        true
+    }
+}
+
+fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get(dim, "weight")?,
+        bias: vb.get(dim, "bias")?,
+        eps,
+    })
+}
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out, inp), "weight")?,
+        Some(vb.get(out, "bias")?),
+    ))
+}
+
+/// `x = x + attn(ln_1(x)); x = x + hook(mlp(ln_2(x)))`.
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    pub ln_1: LayerNorm,
+    pub attn: MultiHeadAttention,
+    pub ln_2: LayerNorm,
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+    pub activation: Activation,
+}
+
+impl ResidualBlock {
+    fn new(
+        vb: VarBuilder,
+        width: usize,
+        heads: usize,
+        mlp: usize,
+        cfg: &ClipConfig,
+    ) -> Result<Self> {
+        let a = vb.pp("attn");
+        Ok(Self {
+            ln_1: layer_norm(&vb.pp("ln_1"), width, cfg.ln_eps)?,
+            attn: MultiHeadAttention {
+                in_proj: Linear::new(
+                    a.get((3 * width, width), "in_proj_weight")?,
+                    Some(a.get(3 * width, "in_proj_bias")?),
+                ),
+                out_proj: linear(&a.pp("out_proj"), width, width)?,
+                heads,
+            },
+            ln_2: layer_norm(&vb.pp("ln_2"), width, cfg.ln_eps)?,
+            c_fc: linear(&vb.pp("mlp").pp("c_fc"), mlp, width)?,
+            c_proj: linear(&vb.pp("mlp").pp("c_proj"), width, mlp)?,
+            activation: cfg.activation,
+        })
+    }
+
+    /// The MLP branch: c_fc, activation, c_proj. [b, l, d] -> [b, l, d]
+    pub fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.c_fc.forward(x)?;
+        let h = match self.activation {
+            Activation::QuickGelu => ops::quick_gelu(&h)?,
+            Activation::Gelu => ops::gelu(&h)?,
+        };
+        self.c_proj.forward(&h)
+    }
+
+    /// x: [b, l, d] -> [b, l, d]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        hook: Option<(&dyn BlockHook, Tower, usize)>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        let m = self.mlp(&self.ln_2.forward(&x)?)?;
+        let m = match hook {
+            Some((h, tower, i)) => h.mlp_out(tower, i, &m)?,
+            None => m,
+        };
+        Ok((x + m)?)
+    }
+}
+
+/// The image tower.
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    /// conv1 as a matrix [width, 3 * p * p] (the patch embedding is a matmul)
+    pub patch_embed: Linear,
+    pub class_embedding: Tensor,
+    pub positional_embedding: Tensor,
+    pub ln_pre: LayerNorm,
+    pub blocks: Vec<ResidualBlock>,
+    pub ln_post: LayerNorm,
+    pub proj: Tensor,
+    pub patch_size: usize,
+}
+
+impl VisionTransformer {
+    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let v = &cfg.vision;
+        let p = v.patch_size;
+        let conv = vb.get((v.width, 3, p, p), "conv1.weight")?;
+        let blocks = (0..v.layers)
+            .map(|i| {
+                ResidualBlock::new(
+                    vb.pp(format!("transformer.resblocks.{i}")),
+                    v.width,
+                    v.heads,
+                    v.mlp_dim,
+                    cfg,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_embed: Linear::new(conv.reshape((v.width, 3 * p * p))?, None),
+            class_embedding: vb.get(v.width, "class_embedding")?,
+            positional_embedding: vb.get((v.seq_len(), v.width), "positional_embedding")?,
+            ln_pre: layer_norm(&vb.pp("ln_pre"), v.width, cfg.ln_eps)?,
+            blocks,
+            ln_post: layer_norm(&vb.pp("ln_post"), v.width, cfg.ln_eps)?,
+            proj: vb.get((v.width, cfg.embed_dim), "proj")?,
+            patch_size: p,
+        })
+    }
+
+    /// The token sequence before the blocks. pixels: [b, 3, H, W] -> [b, 1 + patches, width]
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        // [b, c, gh, p, gw, p] -> [b, gh, gw, c, p, p]: each row one flattened patch
+        let patches = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        let x = self.patch_embed.forward(&patches)?; // [b, n, width]
+        let width = x.dim(2)?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, width))?
+            .broadcast_as((b, 1, width))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?; // [b, n + 1, width]
+        let x = x.broadcast_add(&self.positional_embedding)?;
+        self.ln_pre.forward(&x)
+    }
+
+    /// pixels: [b, 3, H, W] (normalised) -> [b, embed_dim], not normalised.
+    pub fn forward(&self, pixels: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
+        let mut x = self.embed(pixels)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, None, hook.map(|h| (h, Tower::Vision, i)))?;
+        }
+        let cls = self.ln_post.forward(&x.i((.., 0))?)?; // [b, width]
+        Ok(cls.matmul(&self.proj)?)
+    }
+}
+
+/// The text tower.
+#[derive(Debug, Clone)]
+pub struct TextTransformer {
+    pub token_embedding: Tensor,
+    pub positional_embedding: Tensor,
+    pub blocks: Vec<ResidualBlock>,
+    pub ln_final: LayerNorm,
+    pub text_projection: Tensor,
+}
+
+impl TextTransformer {
+    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let t = &cfg.text;
+        let blocks = (0..t.layers)
+            .map(|i| {
+                ResidualBlock::new(
+                    vb.pp(format!("transformer.resblocks.{i}")),
+                    t.width,
+                    t.heads,
+                    t.mlp_dim,
+                    cfg,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: vb.get((t.vocab_size, t.width), "token_embedding.weight")?,
+            positional_embedding: vb.get((t.context_length, t.width), "positional_embedding")?,
+            blocks,
+            ln_final: layer_norm(&vb.pp("ln_final"), t.width, cfg.ln_eps)?,
+            text_projection: vb.get((t.width, cfg.embed_dim), "text_projection")?,
+        })
+    }
+
+    /// Additive causal mask [l, l]: 0 on and below the diagonal, -inf above.
+    pub fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
+        let m: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Ok(Tensor::from_vec(m, (l, l), device)?)
+    }
+
+    /// ids: [b, context] u32 token ids (EOT = the largest id of each row) -> [b, embed_dim].
+    pub fn forward(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
+        let (b, ctx) = ids.dims2()?;
+        // pooled at the EOT token, which open_clip finds as the argmax of the ids
+        let eot = ids.argmax(D::Minus1)?; // [b]
+        let eot_pos: Vec<u32> = eot.to_vec1()?;
+        // The mask is causal, so positions after the last EOT of the batch cannot change the
+        // pooled rows: drop them unless a hook attends over the padding.
+        let l = match hook {
+            Some(h) if h.reads_text_padding() => ctx,
+            _ => eot_pos.iter().map(|&p| p as usize + 1).max().unwrap_or(1),
+        };
+        let ids = ids.narrow(1, 0, l)?;
+        let x = self
+            .token_embedding
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, ()))?;
+        let x = x.broadcast_add(&self.positional_embedding.narrow(0, 0, l)?)?;
+        let mask = Self::causal_mask(l, x.device())?;
+        let mut x = x;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, Some(&mask), hook.map(|h| (h, Tower::Text, i)))?;
+        }
+        let x = self.ln_final.forward(&x)?;
+        let width = x.dim(2)?;
+        // gather row eot[i] of each sequence
+        let flat_idx: Vec<u32> = eot_pos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * l) as u32 + p)
+            .collect();
+        let idx = Tensor::from_vec(flat_idx, b, x.device())?;
+        let pooled = x.reshape((b * l, width))?.index_select(&idx, 0)?; // [b, width]
+        Ok(pooled.matmul(&self.text_projection)?)
+    }
+}
+
+/// The two towers.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub config: ClipConfig,
+    pub visual: VisionTransformer,
+    pub text: TextTransformer,
+}
+
+impl Clip {
+    /// Build from a var builder whose keys are open_clip's.
+    pub fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        Ok(Self {
+            config: cfg.clone(),
+            visual: VisionTransformer::new(vb.pp("visual"), cfg)?,
+            text: TextTransformer::new(vb.clone(), cfg)?,
+        })
+    }
+
+    /// Build from a checkpoint already checked against `cfg`, on `device`.
+    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: &ClipConfig, device: &Device) -> Result<Self> {
+        let vb = VarBuilder::from_tensors(ckpt.backbone.clone(), DType::F32, device);
+        Self::new(vb, cfg)
+    }
+
+    /// pixels [b, 3, H, W] -> L2-normalised [b, embed_dim]
+    pub fn encode_image(&self, pixels: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
+        ops::l2_normalize(&self.visual.forward(pixels, hook)?)
+    }
+
+    /// ids [b, context] -> L2-normalised [b, embed_dim]
+    pub fn encode_text(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
+        ops::l2_normalize(&self.text.forward(ids, hook)?)
+    }
+}

@@ -1,0 +1,116 @@
+//! The tensor operations of a transformer block, shared by the backbone and the adapters.
+//!
+//! Inference uses Candle's fused kernels here; they are the one place to swap when a
+//! differentiable version is needed.
+
+use candle_core::{Module, Tensor, D};
+
+use crate::Result;
+
+/// A linear layer stored as PyTorch does (`weight` [out, in]); applies `x @ weight^T + bias`
+/// to the last dimension of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = *dims.last().expect("linear input has a last dimension");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        // one 2-d matmul over every row: the largest GEMM Candle can run
+        let y = x.reshape((rows, last))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = y.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::forward(self, x).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// Layer norm over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
+/// `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Exact (erf) GELU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// Multi-head self-attention in `nn.MultiheadAttention`'s layout: a packed `in_proj`
+/// [3d, d] producing q, k, v, scale 1/sqrt(head_dim), then `out_proj`.
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    pub in_proj: Linear,
+    pub out_proj: Linear,
+    pub heads: usize,
+}
+
+impl MultiHeadAttention {
+    /// `x`: [b, l, d]; `mask`: additive, broadcast to [b, heads, l, l].
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let h = self.heads;
+        let hd = d / h;
+        let qkv = self.in_proj.forward(x)?; // [b, l, 3d]
+        let qkv = qkv.reshape((b, l, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // [3, b, h, l, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (qkv.get(0)?.contiguous()? * scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = q.matmul(&k.t()?)?; // [b, h, l, l]
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = softmax(&att)?;
+        let o = att.matmul(&v)?; // [b, h, l, hd]
+        let o = o.transpose(1, 2)?.reshape((b, l, d))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+/// L2-normalise the rows of a [n, d] matrix.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}

@@ -1,0 +1,329 @@
+//! Decoding images as PIL's `Image.open(p).convert("RGB")` does, resizing with PIL's
+//! antialiased bicubic filter bit for bit, and CLIP's normalisation (torchvision `ToTensor` +
+//! `Normalize`).
+//!
+//! The resize follows Pillow's `libImaging/Resample.c` algorithm: separable convolution with
+//! the a = -0.5 cubic kernel widened by the downscale factor, 22-bit fixed-point weights,
+//! horizontal pass then vertical pass, each rounded and clipped to 8 bits.
+
+use std::path::Path;
+
+use image::DynamicImage;
+
+use crate::{Error, Result};
+
+/// CLIP's per-channel mean (open_clip `OPENAI_DATASET_MEAN`).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// CLIP's per-channel standard deviation (open_clip `OPENAI_DATASET_STD`).
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// An 8-bit RGB image, rows of interleaved `r g b` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+fn image_error(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Image {
+        path: path.display().to_string(),
+        msg: msg.to_string(),
+    }
+}
+
+/// Convert any decoded image to 8-bit RGB as PIL's `convert("RGB")` does: alpha is dropped
+/// (not composited), grey is replicated, 16-bit grey is clipped at 255 (PIL's `I;16` -> `L`),
+/// 16-bit colour keeps its high byte (PIL reads it as `RGB;16B`).
+pub fn to_rgb8(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageLuma8(b) => b.into_raw().iter().flat_map(|&v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA8(b) => b
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        DynamicImage::ImageRgba8(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        DynamicImage::ImageLuma16(b) => b
+            .into_raw()
+            .iter()
+            .flat_map(|&v| {
+                let g = v.min(255) as u8;
+                [g, g, g]
+            })
+            .collect(),
+        DynamicImage::ImageLumaA16(b) => b
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| {
+                let g = p[0].min(255) as u8;
+                [g, g, g]
+            })
+            .collect(),
+        DynamicImage::ImageRgb16(b) => b.into_raw().iter().map(|&v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            .collect(),
+        other => other.to_rgb8().into_raw(),
+    };
+    RgbImage {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Decode an image file (tif/tiff, jpg/jpeg, png, bmp, webp; the format is read from the
+/// content) to 8-bit RGB. A missing, truncated or corrupt file names itself in the error.
+pub fn load_rgb8(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(&bytes).map_err(|msg| image_error(path, msg));
+    }
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| image_error(path, e))?
+        .decode()
+        .map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(image_error(path, "image has no pixels"));
+    }
+    Ok(to_rgb8(img))
+}
+
+/// JPEG through libjpeg-turbo's decoder (mozjpeg), the library PIL uses, so the decoded
+/// bytes are PIL's exactly (pure-Rust decoders differ by a few levels in chroma upsampling).
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    // libjpeg reports fatal errors by unwinding; keep them inside this function
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<RgbImage> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let (width, height) = (d.width(), d.height());
+        let rows: Vec<[u8; 3]> = d.read_scanlines()?;
+        d.finish()?;
+        Ok(RgbImage {
+            width,
+            height,
+            data: rows.concat(),
+        })
+    });
+    match decoded {
+        Ok(Ok(img)) if img.width > 0 && img.data.len() == img.width * img.height * 3 => Ok(img),
+        Ok(Ok(_)) => Err("cannot decode JPEG: truncated data".into()),
+        Ok(Err(e)) => Err(format!("cannot decode JPEG: {e}")),
+        Err(_) => Err("cannot decode JPEG: corrupt data".into()),
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point filter taps of one axis: for each output index, the first input index and
+/// its weights.
+struct Taps {
+    start: Vec<usize>,
+    weights: Vec<Vec<i32>>,
+}
+
+fn taps(in_size: usize, out_size: usize) -> Taps {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let mut start = Vec::with_capacity(out_size);
+    let mut weights = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+        let w: Vec<f64> = (0..xmax)
+            .map(|x| cubic((x as f64 + xmin as f64 - center + 0.5) / filterscale))
+            .collect();
+        let total: f64 = w.iter().sum();
+        let fixed = w
+            .iter()
+            .map(|&k| {
+                let k = if total != 0.0 { k / total } else { k };
+                let v = k * (1u32 << PRECISION_BITS) as f64;
+                (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+            })
+            .collect();
+        start.push(xmin as usize);
+        weights.push(fixed);
+    }
+    Taps { start, weights }
+}
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One separable pass: resample the width (`horizontal`) or the height to `out`, rounding
+/// and clipping to 8 bits as Pillow does after each pass.
+fn resample_pass(src: &RgbImage, out: usize, horizontal: bool) -> RgbImage {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let (w, h) = (src.width, src.height);
+    if horizontal {
+        let t = taps(w, out);
+        let mut data = vec![0u8; h * out * 3];
+        for y in 0..h {
+            let row = &src.data[y * w * 3..(y + 1) * w * 3];
+            for x in 0..out {
+                let mut acc = [half; 3];
+                for (i, &k) in t.weights[x].iter().enumerate() {
+                    let p = &row[(t.start[x] + i) * 3..];
+                    for c in 0..3 {
+                        acc[c] += p[c] as i32 * k;
+                    }
+                }
+                for c in 0..3 {
+                    data[(y * out + x) * 3 + c] = clip8(acc[c]);
+                }
+            }
+        }
+        RgbImage {
+            width: out,
+            height: h,
+            data,
+        }
+    } else {
+        let t = taps(h, out);
+        let stride = w * 3;
+        let mut data = vec![0u8; out * stride];
+        let mut acc = vec![half; stride];
+        for y in 0..out {
+            acc.fill(half);
+            for (i, &k) in t.weights[y].iter().enumerate() {
+                let row = &src.data[(t.start[y] + i) * stride..][..stride];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a += p as i32 * k;
+                }
+            }
+            for (o, &a) in data[y * stride..(y + 1) * stride].iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
+        }
+        RgbImage {
+            width: w,
+            height: out,
+            data,
+        }
+    }
+}
+
+/// Resize 8-bit RGB with PIL's `Image.resize(size, Image.BICUBIC)` (antialiased when
+/// shrinking), giving the same bytes as Pillow. As Pillow 13 does (found by comparing
+/// against it), the height goes first when it shrinks by a larger factor than the width,
+/// otherwise the width first; a pass whose size does not change is skipped.
+pub fn resize_bicubic(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let need_h = src.width != out_w;
+    let need_v = src.height != out_h;
+    let vertical_first =
+        need_h && need_v && src.height > out_h && src.width * out_h < out_w * src.height;
+    let mut img = src.clone();
+    if vertical_first {
+        img = resample_pass(&img, out_h, false);
+        img = resample_pass(&img, out_w, true);
+    } else {
+        if need_h {
+            img = resample_pass(&img, out_w, true);
+        }
+        if need_v {
+            img = resample_pass(&img, out_h, false);
+        }
+    }
+    img
+}
+
+/// Channel-first floats `(v / 255 - mean) / std`, [3, h, w] flattened.
+pub fn normalize_chw(img: &RgbImage) -> Vec<f32> {
+    let n = img.width * img.height;
+    let mut out = vec![0f32; 3 * n];
+    for (i, p) in img.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+    }
+    out
+}
+
+/// The evaluation transform: decode, resize to `size` x `size` bicubic, normalise.
+/// Returns [3, size, size] flattened.
+pub fn preprocess_eval(path: &Path, size: usize) -> Result<Vec<f32>> {
+    let img = load_rgb8(path)?;
+    Ok(normalize_chw(&resize_bicubic(&img, size, size)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_size_resize_is_identity() {
+        let img = RgbImage {
+            width: 3,
+            height: 2,
+            data: (0..18).map(|v| (v * 13) as u8).collect(),
+        };
+        assert_eq!(resize_bicubic(&img, 3, 2), img);
+    }
+
+    #[test]
+    fn taps_sum_to_one_in_fixed_point() {
+        for (i, o) in [(256, 224), (40, 224), (1000, 224), (224, 224)] {
+            let t = taps(i, o);
+            for w in &t.weights {
+                let s: i32 = w.iter().sum();
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= w.len() as i32,
+                    "{i}->{o}: {s}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = RgbImage {
+            width: 37,
+            height: 50,
+            data: vec![200; 37 * 50 * 3],
+        };
+        let r = resize_bicubic(&img, 224, 224);
+        assert!(r.data.iter().all(|&v| v == 200));
+    }
+
+    #[test]
+    fn normalisation_matches_clip_constants() {
+        let img = RgbImage {
+            width: 1,
+            height: 1,
+            data: vec![255, 0, 128],
+        };
+        let v = normalize_chw(&img);
+        assert!((v[0] - (1.0 - 0.481_454_66) / 0.268_629_54).abs() < 1e-6);
+        assert!((v[1] + 0.457_827_5 / 0.261_302_58).abs() < 1e-6);
+        assert!((v[2] - (128.0 / 255.0 - 0.408_210_73) / 0.275_777_11).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,20 @@
+//! Data for HarMA: image decoding and the CLIP preprocessing (this crate matches PIL and
+//! torchvision so embeddings equal the PyTorch pipeline's).
+
+pub mod image;
+
+pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD};
+
+/// Errors of the data crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {msg}")]
+    Image { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
