@@ -6,7 +6,8 @@
 use crate::{Error, Result};
 
 /// The MLP activation of every residual block of both towers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `x * sigmoid(1.702 x)`: OpenAI CLIP and its fine-tunes (GeoRSCLIP, RemoteCLIP).
     QuickGelu,
@@ -15,7 +16,7 @@ pub enum Activation {
 }
 
 /// The image tower: a ViT with a class token and a final projection.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct VisionConfig {
     pub image_size: usize,
     pub patch_size: usize,
@@ -38,7 +39,7 @@ impl VisionConfig {
 }
 
 /// The text tower: a causal transformer pooled at the end-of-text token.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct TextConfig {
     pub context_length: usize,
     pub vocab_size: usize,
@@ -49,14 +50,24 @@ pub struct TextConfig {
 }
 
 /// A whole CLIP model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct ClipConfig {
     pub embed_dim: usize,
     pub vision: VisionConfig,
     pub text: TextConfig,
+    #[serde(default = "default_activation")]
     pub activation: Activation,
     /// Layer-norm epsilon (PyTorch's default).
+    #[serde(default = "default_ln_eps")]
     pub ln_eps: f64,
+}
+
+fn default_activation() -> Activation {
+    Activation::QuickGelu
+}
+
+fn default_ln_eps() -> f64 {
+    1e-5
 }
 
 /// Names accepted by [`ClipConfig::preset`].
@@ -122,15 +133,22 @@ impl ClipConfig {
         }
     }
 
-    /// A preset by its open_clip name (see [`PRESETS`]).
+    /// A preset by its open_clip name (see [`PRESETS`]), or a JSON file of sizes
+    /// (`{"embed_dim", "vision": {...}, "text": {...}, "activation": "quick_gelu"|"gelu"}`).
     pub fn preset(name: &str) -> Result<Self> {
+        if name.ends_with(".json") {
+            let text = std::fs::read_to_string(name)
+                .map_err(|e| Error::Msg(format!("cannot read architecture file {name}: {e}")))?;
+            return serde_json::from_str(&text)
+                .map_err(|e| Error::Msg(format!("architecture file {name}: {e}")));
+        }
         match name {
             "ViT-B-32" => Ok(Self::vit_b32()),
             "ViT-B-32-quickgelu" => Ok(Self::vit_b32_quickgelu()),
             "tiny" => Ok(Self::tiny(Activation::Gelu)),
             "tiny-quickgelu" => Ok(Self::tiny(Activation::QuickGelu)),
             other => Err(Error::Msg(format!(
-                "unknown architecture `{other}`: expected one of {}",
+                "unknown architecture `{other}`: expected one of {} or a .json config",
                 PRESETS.join(", ")
             ))),
         }

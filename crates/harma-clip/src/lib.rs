@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod kernels;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;

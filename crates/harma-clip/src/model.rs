@@ -42,10 +42,7 @@ fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
 }
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out, inp), "weight")?,
-        Some(vb.get(out, "bias")?),
-    ))
+    Linear::new(vb.get((out, inp), "weight")?, Some(vb.get(out, "bias")?))
 }
 
 /// `x = x + attn(ln_1(x)); x = x + hook(mlp(ln_2(x)))`.
@@ -74,7 +71,7 @@ impl ResidualBlock {
                 in_proj: Linear::new(
                     a.get((3 * width, width), "in_proj_weight")?,
                     Some(a.get(3 * width, "in_proj_bias")?),
-                ),
+                )?,
                 out_proj: linear(&a.pp("out_proj"), width, width)?,
                 heads,
             },
@@ -99,10 +96,10 @@ impl ResidualBlock {
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
         hook: Option<(&dyn BlockHook, Tower, usize)>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, causal)?)?;
         let m = self.mlp(&self.ln_2.forward(&x)?)?;
         let m = match hook {
             Some((h, tower, i)) => h.mlp_out(tower, i, &m)?,
@@ -143,7 +140,7 @@ impl VisionTransformer {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            patch_embed: Linear::new(conv.reshape((v.width, 3 * p * p))?, None),
+            patch_embed: Linear::new(conv.reshape((v.width, 3 * p * p))?, None)?,
             class_embedding: vb.get(v.width, "class_embedding")?,
             positional_embedding: vb.get((v.seq_len(), v.width), "positional_embedding")?,
             ln_pre: layer_norm(&vb.pp("ln_pre"), v.width, cfg.ln_eps)?,
@@ -180,7 +177,7 @@ impl VisionTransformer {
     pub fn forward(&self, pixels: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
         let mut x = self.embed(pixels)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = blk.forward(&x, None, hook.map(|h| (h, Tower::Vision, i)))?;
+            x = blk.forward(&x, false, hook.map(|h| (h, Tower::Vision, i)))?;
         }
         let cls = self.ln_post.forward(&x.i((.., 0))?)?; // [b, width]
         Ok(cls.matmul(&self.proj)?)
@@ -220,14 +217,6 @@ impl TextTransformer {
         })
     }
 
-    /// Additive causal mask [l, l]: 0 on and below the diagonal, -inf above.
-    pub fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
-        let m: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Ok(Tensor::from_vec(m, (l, l), device)?)
-    }
-
     /// ids: [b, context] u32 token ids (EOT = the largest id of each row) -> [b, embed_dim].
     pub fn forward(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
         let (b, ctx) = ids.dims2()?;
@@ -246,10 +235,9 @@ impl TextTransformer {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, ()))?;
         let x = x.broadcast_add(&self.positional_embedding.narrow(0, 0, l)?)?;
-        let mask = Self::causal_mask(l, x.device())?;
         let mut x = x;
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = blk.forward(&x, Some(&mask), hook.map(|h| (h, Tower::Text, i)))?;
+            x = blk.forward(&x, true, hook.map(|h| (h, Tower::Text, i)))?;
         }
         let x = self.ln_final.forward(&x)?;
         let width = x.dim(2)?;

@@ -3,21 +3,28 @@
 //! Inference uses Candle's fused kernels here; they are the one place to swap when a
 //! differentiable version is needed.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::kernels;
+pub use crate::kernels::Attention as AttentionKernel;
 
 use crate::Result;
 
-/// A linear layer stored as PyTorch does (`weight` [out, in]); applies `x @ weight^T + bias`
-/// to the last dimension of any rank.
+/// A frozen linear layer: `x @ weight^T + bias` on the last dimension of any rank. The weight
+/// is given as PyTorch stores it ([out, in]) and kept transposed ([in, out], contiguous): the
+/// GEMM reads a contiguous right-hand side up to 1.4x faster than a transposed view.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight_t: Tensor,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -25,10 +32,14 @@ impl Linear {
         let last = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         // one 2-d matmul over every row: the largest GEMM Candle can run
-        let y = x.reshape((rows, last))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, last))?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) if fused_cpu(x) => {
+                x2.contiguous()?
+                    .apply_op3_no_bwd(&self.weight_t, b, &kernels::LinearBias)?
+            }
+            Some(b) => x2.matmul(&self.weight_t)?.broadcast_add(b)?,
+            None => x2.matmul(&self.weight_t)?,
         };
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;
@@ -66,8 +77,16 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax_last_dim(x)?)
 }
 
+/// Whether the fused CPU kernels of `kernels` apply to `x`.
+fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_cpu(x) {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&kernels::QuickGelu)?);
+    }
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
@@ -86,27 +105,40 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    /// `x`: [b, l, d]; `mask`: additive, broadcast to [b, heads, l, l].
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x`: [b, l, d] -> [b, l, d]; `causal`: position i attends to positions <= i only.
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let h = self.heads;
         let hd = d / h;
         let qkv = self.in_proj.forward(x)?; // [b, l, 3d]
+        if fused_cpu(&qkv) {
+            let o = qkv.apply_op1_no_bwd(&kernels::Attention { heads: h, causal })?;
+            return self.out_proj.forward(&o);
+        }
         let qkv = qkv.reshape((b, l, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // [3, b, h, l, hd]
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (qkv.get(0)?.contiguous()? * scale)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let att = q.matmul(&k.t()?)?; // [b, h, l, l]
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
+        let att = if causal {
+            att.broadcast_add(&causal_mask(l, att.device())?)?
+        } else {
+            att
         };
         let att = softmax(&att)?;
         let o = att.matmul(&v)?; // [b, h, l, hd]
         let o = o.transpose(1, 2)?.reshape((b, l, d))?;
         self.out_proj.forward(&o)
     }
+}
+
+/// Additive causal mask [l, l]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(l: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (l, l), device)?)
 }
 
 /// L2-normalise the rows of a [n, d] matrix.

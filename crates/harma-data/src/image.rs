@@ -12,9 +12,12 @@ use image::DynamicImage;
 
 use crate::{Error, Result};
 
+// Both constants are spelled as open_clip spells them, so a reader can compare digit by digit.
 /// CLIP's per-channel mean (open_clip `OPENAI_DATASET_MEAN`).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel standard deviation (open_clip `OPENAI_DATASET_STD`).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// An 8-bit RGB image, rows of interleaved `r g b` bytes.
@@ -315,6 +318,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn normalisation_matches_clip_constants() {
         let img = RgbImage {
             width: 1,

@@ -1,0 +1,211 @@
+//! `harma embed`: images and captions to L2-normalised CLIP embeddings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use harma_clip::{Checkpoint, Clip, ClipConfig, ClipTokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// File extensions read as images.
+pub const IMAGE_EXTENSIONS: &[&str] = &["tif", "tiff", "jpg", "jpeg", "png", "bmp", "webp"];
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// CLIP checkpoint: open_clip state dict (.pt/.pth/.bin, plain or under state_dict/model),
+    /// open_clip safetensors, or Hugging Face transformers CLIP safetensors
+    #[arg(long, value_name = "CKPT")]
+    pub model: PathBuf,
+    /// Architecture preset (GeoRSCLIP, RemoteCLIP and OpenAI weights use QuickGELU;
+    /// LAION weights use ViT-B-32); also: tiny, tiny-quickgelu, or a JSON file of sizes
+    #[arg(long, default_value = "ViT-B-32-quickgelu")]
+    pub arch: String,
+    /// Folder of images (tif, tiff, jpg, jpeg, png, bmp, webp), embedded in file-name order
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Text file with one caption per line (empty lines are skipped)
+    #[arg(long, value_name = "FILE")]
+    pub captions: Option<PathBuf>,
+    /// Output safetensors file (written atomically)
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: PathBuf,
+    /// Images or captions per forward pass
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+}
+
+/// The image files of `dir` with a known extension, sorted by file name.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read image folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    if files.is_empty() {
+        bail!(
+            "no images ({}) in {}",
+            IMAGE_EXTENSIONS.join(", "),
+            dir.display()
+        );
+    }
+    Ok(files)
+}
+
+/// The non-empty lines of a caption file, in order.
+pub fn read_captions(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read captions {}", path.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    if lines.is_empty() {
+        bail!("{}: no non-empty lines", path.display());
+    }
+    Ok(lines)
+}
+
+fn progress(n: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>8} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Embed images in batches; decoding runs on a second thread one batch ahead of the model.
+pub fn embed_images(
+    model: &Clip,
+    files: &[PathBuf],
+    batch: usize,
+    device: &Device,
+    pb: &ProgressBar,
+) -> Result<Tensor> {
+    let size = model.config.vision.image_size;
+    let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
+    let mut outs = Vec::with_capacity(chunks.len());
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<f32>)>>(1);
+        s.spawn(move || {
+            for chunk in &chunks {
+                use rayon::prelude::*;
+                let pixels: std::result::Result<Vec<Vec<f32>>, _> = chunk
+                    .par_iter()
+                    .map(|p| harma_data::preprocess_eval(p, size))
+                    .collect();
+                let msg = pixels
+                    .map(|v| (chunk.len(), v.concat()))
+                    .map_err(anyhow::Error::from);
+                let failed = msg.is_err();
+                if tx.send(msg).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for msg in rx {
+            let (n, pixels) = msg?;
+            let x = Tensor::from_vec(pixels, (n, 3, size, size), device)?;
+            outs.push(model.encode_image(&x, None)?);
+            pb.inc(n as u64);
+        }
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Embed captions in batches.
+pub fn embed_captions(
+    model: &Clip,
+    tokenizer: &ClipTokenizer,
+    captions: &[String],
+    batch: usize,
+    device: &Device,
+    pb: &ProgressBar,
+) -> Result<Tensor> {
+    let ctx = tokenizer.context_length;
+    let mut outs = Vec::new();
+    for chunk in captions.chunks(batch) {
+        let ids = tokenizer.encode_batch(chunk)?;
+        let ids = Tensor::from_vec(ids, (chunk.len(), ctx), device)?;
+        outs.push(model.encode_text(&ids, None)?);
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+fn report(n: usize, what: &str, start: std::time::Instant) {
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "embedded {n} {what} in {secs:.1}s ({:.1} {what}/s)",
+        n as f64 / secs
+    );
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if args.images.is_none() && args.captions.is_none() {
+        bail!("nothing to embed: give --images DIR and/or --captions FILE");
+    }
+    // read the inputs first: a typo in a path fails before the model is loaded
+    let files = args.images.as_deref().map(list_images).transpose()?;
+    let captions = args.captions.as_deref().map(read_captions).transpose()?;
+    let cfg = ClipConfig::preset(&args.arch)?;
+    let device = Device::Cpu;
+    let start = std::time::Instant::now();
+    let ckpt = Checkpoint::load(&args.model, &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
+    drop(ckpt);
+    eprintln!(
+        "loaded {} ({}) in {:.1}s",
+        args.model.display(),
+        args.arch,
+        start.elapsed().as_secs_f64()
+    );
+    let batch = args.batch_size as usize;
+
+    let mut tensors = Vec::new();
+    let mut meta = HashMap::new();
+    meta.insert("model".to_string(), args.model.display().to_string());
+    meta.insert("arch".to_string(), args.arch.clone());
+    if let Some(files) = &files {
+        let pb = progress(files.len(), "images");
+        let start = std::time::Instant::now();
+        let t = embed_images(&model, files, batch, &device, &pb)?;
+        pb.finish();
+        report(files.len(), "images", start);
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        meta.insert("image_names".to_string(), names.join("\n"));
+        tensors.push(("image_embeds", t));
+    }
+    if let Some(captions) = &captions {
+        let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
+        let pb = progress(captions.len(), "captions");
+        let start = std::time::Instant::now();
+        let t = embed_captions(&model, &tokenizer, captions, batch, &device, &pb)?;
+        pb.finish();
+        report(captions.len(), "captions", start);
+        tensors.push(("text_embeds", t));
+    }
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    crate::output::write_safetensors(&args.out, &refs, meta)?;
+    let shapes: Vec<String> = tensors
+        .iter()
+        .map(|(n, t)| format!("{n} {:?}", t.dims()))
+        .collect();
+    eprintln!("wrote {}: {}", args.out.display(), shapes.join(", "));
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The `harma` binary's library: each command is a module with an `Args` struct and a `run`.
+
+pub mod cli;
+pub mod embed;
+pub mod output;

@@ -1,0 +1,154 @@
+//! `harma embed` end to end: real files in, safetensors out, compared with open_clip +
+//! PIL/torchvision on the same inputs (crates/harma-clip/tests/fixtures/make_fixtures.py, `cli/`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-clip/tests/fixtures")
+}
+
+fn harma(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args(args)
+        .output()
+        .expect("run harma")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("harma-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (n, v.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn embed_matches_open_clip_on_files() {
+    let dir = temp_dir("embed");
+    let out = dir.join("embeds.safetensors");
+    let f = fixtures();
+    let o = harma(&[
+        "embed",
+        "--model",
+        f.join("cli/model.safetensors").to_str().unwrap(),
+        "--arch",
+        f.join("cli/config.json").to_str().unwrap(),
+        "--images",
+        f.join("images").to_str().unwrap(),
+        "--captions",
+        f.join("cli/captions.txt").to_str().unwrap(),
+        "--batch-size",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = read(&out);
+    let want = read(&f.join("cli/expected.safetensors"));
+    assert_eq!(ours.len(), 2);
+    for ((n, s, a), (wn, ws, b)) in ours.iter().zip(&want) {
+        assert_eq!((n, s), (wn, ws));
+        let err = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{n} {s:?}: max abs err {err:.2e}");
+        assert!(err <= 1e-5, "{n}: max abs err {err}");
+    }
+    assert_eq!(ours[0].1, vec![8, 8], "8 images");
+    assert_eq!(ours[1].1, vec![12, 8], "12 non-empty caption lines");
+    // the image names are recorded, in file-name order
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let names = meta.metadata().as_ref().unwrap()["image_names"].clone();
+    assert!(names.starts_with("alpha.png\ngrey.png"), "{names}");
+    // nothing but the output is left behind
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(left.len(), 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn embed_errors_name_the_culprit_and_write_nothing() {
+    let dir = temp_dir("bad");
+    let f = fixtures();
+    let out = dir.join("o.safetensors");
+    let model = f.join("cli/model.safetensors");
+    let arch = f.join("cli/config.json");
+    // a corrupt image among good ones
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::copy(f.join("images/grey.png"), imgs.join("a.png")).unwrap();
+    std::fs::write(imgs.join("b.tif"), b"II*\0 not really a tiff").unwrap();
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--arch",
+            arch.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        let o = harma(&a);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = run(&["--images", imgs.to_str().unwrap()]);
+    assert!(err.contains("b.tif"), "{err}");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let err = run(&["--captions", empty.to_str().unwrap()]);
+    assert!(
+        err.contains("empty.txt") && err.contains("no non-empty lines"),
+        "{err}"
+    );
+    let err = run(&["--captions", dir.join("missing.txt").to_str().unwrap()]);
+    assert!(err.contains("missing.txt"), "{err}");
+    let err = run(&[]);
+    assert!(err.contains("--images"), "{err}");
+    // the wrong architecture for the checkpoint
+    let o = harma(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--arch",
+        "tiny",
+        "--captions",
+        f.join("cli/captions.txt").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("wrong shapes"), "{err}");
+    assert!(!out.exists(), "no output after a failure");
+    std::fs::remove_dir_all(dir).ok();
+}

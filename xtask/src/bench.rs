@@ -1,0 +1,233 @@
+//! `cargo xtask bench`: embedding throughput at ViT-B/32 size (random weights), batch 32,
+//! with the same workloads run by open_clip in PyTorch in the same invocation when
+//! `--torch-python` is given. Prints a table and writes JSON.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Tower};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Fewer timed batches (a smoke run, noisier numbers)
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as JSON here
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// A Python with torch and open_clip_torch: run the same workloads in PyTorch too
+    #[arg(long, value_name = "PATH")]
+    torch_python: Option<PathBuf>,
+    /// Batch size
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+/// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
+fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
+    let mut map = HashMap::new();
+    for (name, shape) in harma_clip::checkpoint::expected_shapes(cfg) {
+        let t = if name.contains("ln_") && name.ends_with("weight") {
+            Tensor::ones(shape, DType::F32, device)?
+        } else if name.contains("ln_") || name.ends_with("bias") {
+            Tensor::zeros(shape, DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        map.insert(name, t);
+    }
+    Ok(Clip::new(
+        VarBuilder::from_tensors(map, DType::F32, device),
+        cfg,
+    )?)
+}
+
+/// A hook that changes nothing but, like HarMA's text adapters, needs every position.
+struct FullContext;
+
+impl BlockHook for FullContext {
+    fn mlp_out(&self, _: Tower, _: usize, m: &Tensor) -> harma_clip::Result<Tensor> {
+        Ok(m.clone())
+    }
+}
+
+/// RSITMD test captions, the caption-length distribution of the real task.
+fn captions(n: usize) -> Result<Vec<String>> {
+    let path = "data/annotations/rsitmd_test.json";
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+    )?;
+    let mut out = Vec::new();
+    for e in v.as_array().context("expected a list")? {
+        for c in e["caption"].as_array().context("caption list")? {
+            out.push(c.as_str().unwrap_or_default().to_string());
+        }
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+/// Items per second over `iters` timed calls after one warm-up call.
+fn rate(items: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    Ok((items * iters) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Forward FLOPs of one transformer block over `l` tokens of width `d`.
+fn block_flops(l: usize, d: usize, mlp: usize) -> f64 {
+    let (l, d, mlp) = (l as f64, d as f64, mlp as f64);
+    2.0 * l * d * (4.0 * d + 2.0 * mlp) + 4.0 * l * l * d
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One round of the PyTorch workloads in a fresh process.
+fn torch_round(py: &PathBuf, b: usize, iters: usize, threads: usize) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(py)
+        .args([
+            "xtask/bench_torch.py",
+            "--batch",
+            &b.to_string(),
+            "--iters",
+            &iters.to_string(),
+        ])
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("cannot run {}", py.display()))?;
+    if !out.status.success() {
+        bail!(
+            "PyTorch bench failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("PyTorch bench printed no JSON")
+}
+
+fn matmul_gflops(device: &Device) -> Result<f64> {
+    let (m, k, n) = (1600, 768, 3072);
+    let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), device)?;
+    let r = rate(1, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(r * 2.0 * (m * k * n) as f64 / 1e9)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let device = Device::Cpu;
+    let iters = if args.quick { 2 } else { 6 };
+    let b = args.batch;
+    let cfg = ClipConfig::vit_b32_quickgelu();
+    let model = random_model(&cfg, &device)?;
+    let tok = ClipTokenizer::new(77)?;
+    let caps = captions(b)?;
+    let ids = Tensor::from_vec(tok.encode_batch(&caps)?, (b, 77), &device)?;
+    let mean_tokens = caps
+        .iter()
+        .map(|c| tok.encode_raw(c).map(|v| v.len() + 2))
+        .sum::<harma_clip::Result<usize>>()? as f64
+        / b as f64;
+    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
+
+    let threads = candle_core::utils::get_num_threads();
+    let rounds = if args.quick { 1 } else { 5 };
+    println!(
+        "harma-rs bench: ViT-B/32 random weights, batch {b}, {threads} threads, \
+         {rounds} rounds of {iters} timed batches (ours and PyTorch alternate; medians)"
+    );
+    let v = &cfg.vision;
+    let t = &cfg.text;
+    let img_flops = v.layers as f64 * block_flops(v.seq_len(), v.width, v.mlp_dim)
+        + 2.0 * (v.seq_len() - 1) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
+    let txt_flops = t.layers as f64 * block_flops(77, t.width, t.mlp_dim);
+    let names = [
+        "matmul 1600x768x3072 GFLOP/s",
+        "images/s",
+        "captions/s (cut after EOT)",
+        "captions/s (full 77 tokens)",
+    ];
+    let flops = [f64::NAN, img_flops, txt_flops, txt_flops];
+    let mut ours: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut theirs: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    for round in 0..rounds {
+        ours[0].push(matmul_gflops(&device)?);
+        ours[1].push(rate(b, iters, || {
+            model.encode_image(&pixels, None)?;
+            Ok(())
+        })?);
+        ours[2].push(rate(b, iters, || {
+            model.encode_text(&ids, None)?;
+            Ok(())
+        })?);
+        ours[3].push(rate(b, iters, || {
+            model.encode_text(&ids, Some(&FullContext))?;
+            Ok(())
+        })?);
+        if let Some(py) = &args.torch_python {
+            let j = torch_round(py, b, iters, threads)?;
+            for (i, key) in [
+                "matmul_gflops",
+                "images_per_s",
+                "captions_per_s",
+                "captions_per_s",
+            ]
+            .iter()
+            .enumerate()
+            {
+                theirs[i].push(j[key].as_f64().context("PyTorch result")?);
+            }
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    let gflops = median(&ours[0]);
+    let rows: Vec<(&str, f64, Option<f64>, f64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let th = (!theirs[i].is_empty()).then(|| median(&theirs[i]));
+            (*n, median(&ours[i]), th, flops[i])
+        })
+        .collect();
+    println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
+    println!(
+        "{:<30} {:>10} {:>10} {:>8} {:>12}",
+        "workload", "harma-rs", "PyTorch", "ratio", "matmul share"
+    );
+    let mut json = serde_json::Map::new();
+    for (name, ours, theirs, flops) in &rows {
+        let share = if flops.is_nan() {
+            String::new()
+        } else {
+            format!("{:.0}%", 100.0 * ours * flops / 1e9 / gflops)
+        };
+        let (th, ratio) = match theirs {
+            Some(t) => (format!("{t:.1}"), format!("{:.2}x", ours / t)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("{name:<30} {ours:>10.1} {th:>10} {ratio:>8} {share:>12}");
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
+        );
+    }
+    json.insert("threads".into(), threads.into());
+    json.insert("batch".into(), b.into());
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
