@@ -1,1 +1,349 @@
-//! HarMA adapters (MMadapter, BiShareAdapter, gates) plugged into `harma_clip::BlockHook`: to be built (see the issues).
+//! HarMA's trainable part: an MMadapter after the MLP of every block of both towers, mixed in by
+//! a per-block gate, with BiShareAdapter mini-adapters shared according to a topology setting.
+//!
+//! Reference: HarMA `open_clip/model.py` (`MMadapter`, `BiShareAdapter`) and
+//! `open_clip/transformer.py` (`ResidualAttentionBlock`: `m = a * adapter(m) + (1 - a) * m`,
+//! `a = sigmoid(gate1)`), <https://github.com/seekerhuang/HarMA>. Keys are the original's, so
+//! checkpoints load both ways.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use harma_clip::ops::{Linear, MultiHeadAttention};
+use harma_clip::{BlockHook, ClipConfig, Tower};
+
+/// Errors of the adapter crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Clip(#[from] harma_clip::Error),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which blocks get a BiShareAdapter inside their MMadapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharing {
+    /// The released code: text blocks only (the default; released checkpoints use it).
+    Text,
+    /// The paper's figure: text block i and image block i share one mini-adapter.
+    Both,
+    /// No mini-adapters.
+    None,
+}
+
+/// Adapter sizes; the defaults are the paper's.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterConfig {
+    /// MMadapter bottleneck width
+    pub hidden: usize,
+    /// heads of the MMadapter's attention
+    pub heads: usize,
+    /// heads of the BiShareAdapter's attention (its width is `hidden / 2`)
+    pub share_heads: usize,
+    pub sharing: Sharing,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            hidden: 128,
+            heads: 8,
+            share_heads: 8,
+            sharing: Sharing::Text,
+        }
+    }
+}
+
+fn mha_shapes(m: &mut BTreeMap<String, Vec<usize>>, p: &str, d: usize) {
+    m.insert(format!("{p}.in_proj_weight"), vec![3 * d, d]);
+    m.insert(format!("{p}.in_proj_bias"), vec![3 * d]);
+    m.insert(format!("{p}.out_proj.weight"), vec![d, d]);
+    m.insert(format!("{p}.out_proj.bias"), vec![d]);
+}
+
+fn linear_shapes(m: &mut BTreeMap<String, Vec<usize>>, p: &str, out: usize, inp: usize) {
+    m.insert(format!("{p}.weight"), vec![out, inp]);
+    m.insert(format!("{p}.bias"), vec![out]);
+}
+
+/// The block prefix of a tower, in open_clip's key layout.
+fn block_prefix(tower: Tower, i: usize) -> String {
+    match tower {
+        Tower::Vision => format!("visual.transformer.resblocks.{i}"),
+        Tower::Text => format!("transformer.resblocks.{i}"),
+    }
+}
+
+/// Whether blocks of `tower` hold a BiShareAdapter under `sharing`.
+fn has_share(sharing: Sharing, tower: Tower) -> bool {
+    match sharing {
+        Sharing::Text => tower == Tower::Text,
+        Sharing::Both => true,
+        Sharing::None => false,
+    }
+}
+
+/// Every trainable tensor (adapters, gates, `temp`) and its shape, under the original's names
+/// (without the `model.` prefix of HarMA's wrapper). Shared mini-adapters are listed once,
+/// under the text block that owns them.
+pub fn expected_shapes(clip: &ClipConfig, cfg: &AdapterConfig) -> BTreeMap<String, Vec<usize>> {
+    let mut m = BTreeMap::new();
+    let h = cfg.hidden;
+    for (tower, width, layers) in [
+        (Tower::Vision, clip.vision.width, clip.vision.layers),
+        (Tower::Text, clip.text.width, clip.text.layers),
+    ] {
+        for i in 0..layers {
+            let b = block_prefix(tower, i);
+            m.insert(format!("{b}.gate1"), vec![]);
+            let a = format!("{b}.mmadapter");
+            linear_shapes(&mut m, &format!("{a}.img_proj_down"), h, width);
+            linear_shapes(&mut m, &format!("{a}.img_proj_up"), width, h);
+            mha_shapes(&mut m, &format!("{a}.multihead_attention"), h);
+            m.insert(format!("{a}.gate1"), vec![]);
+            let owns_share = match cfg.sharing {
+                Sharing::Text | Sharing::Both => tower == Tower::Text,
+                Sharing::None => false,
+            };
+            if owns_share {
+                let s = format!("{a}.BiShareAdapterxx");
+                linear_shapes(&mut m, &format!("{s}.l1"), h / 2, h);
+                linear_shapes(&mut m, &format!("{s}.l2"), h, h / 2);
+                mha_shapes(&mut m, &format!("{s}.multihead_attention1"), h / 2);
+                m.insert(format!("{s}.gate1"), vec![]);
+            }
+        }
+    }
+    m.insert("temp".into(), vec![]);
+    m
+}
+
+fn mha(vb: &VarBuilder, d: usize, heads: usize) -> Result<MultiHeadAttention> {
+    Ok(MultiHeadAttention {
+        in_proj: Linear::new(
+            vb.get((3 * d, d), "in_proj_weight")?,
+            Some(vb.get(3 * d, "in_proj_bias")?),
+        )?,
+        out_proj: Linear::new(
+            vb.get((d, d), "out_proj.weight")?,
+            Some(vb.get(d, "out_proj.bias")?),
+        )?,
+        heads,
+    })
+}
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out, inp), "weight")?,
+        Some(vb.get(out, "bias")?),
+    )?)
+}
+
+/// `sigmoid(gate)` as a scalar tensor.
+fn gate(vb: &VarBuilder, name: &str) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(&vb.get((), name)?)?)
+}
+
+/// `s * a + (1 - s) * b` for a scalar tensor `s`.
+fn mix(s: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a.broadcast_mul(s)? + b.broadcast_mul(&(1.0 - s)?)?)?)
+}
+
+/// The mini-adapter: `u = s * mha1(l1(x)) + (1 - s) * l1(x)`; `x + l2(u)`.
+#[derive(Debug, Clone)]
+pub struct BiShareAdapter {
+    l1: Linear,
+    l2: Linear,
+    attn: MultiHeadAttention,
+    gate: Tensor,
+}
+
+impl BiShareAdapter {
+    fn new(vb: VarBuilder, d: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            l1: linear(&vb.pp("l1"), d / 2, d)?,
+            l2: linear(&vb.pp("l2"), d, d / 2)?,
+            attn: mha(&vb.pp("multihead_attention1"), d / 2, heads)?,
+            gate: gate(&vb, "gate1")?,
+        })
+    }
+
+    /// [b, l, d] -> [b, l, d]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let z = self.l1.forward(x)?;
+        let t = self.attn.forward(&z, false)?;
+        let u = mix(&self.gate, &t, &z)?;
+        Ok((x + self.l2.forward(&u)?)?)
+    }
+}
+
+/// The per-block adapter: down, GELU, attention (twice, around the optional mini-adapter),
+/// gated skip from the down projection, up, residual.
+#[derive(Debug, Clone)]
+pub struct MmAdapter {
+    down: Linear,
+    up: Linear,
+    attn: MultiHeadAttention,
+    share: Option<BiShareAdapter>,
+    gate: Tensor,
+}
+
+impl MmAdapter {
+    /// [b, l, width] -> [b, l, width]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = self.down.forward(x)?.gelu_erf()?;
+        let mut y = self.attn.forward(&d, false)?;
+        if let Some(s) = &self.share {
+            y = s.forward(&y)?;
+        }
+        let y = self.attn.forward(&y, false)?;
+        let y = mix(&self.gate, &d, &y)?;
+        Ok((x + self.up.forward(&y)?)?)
+    }
+}
+
+/// All adapters of a model, plugged into the backbone as its [`BlockHook`].
+#[derive(Debug, Clone)]
+pub struct HarmaAdapters {
+    pub config: AdapterConfig,
+    vision: Vec<(MmAdapter, Tensor)>,
+    text: Vec<(MmAdapter, Tensor)>,
+    /// the contrastive temperature
+    pub temp: Tensor,
+}
+
+impl HarmaAdapters {
+    /// Build from tensors under the original's names (the `model.` prefix already removed),
+    /// checking every expected key and shape first; the error lists all that is wrong.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        clip: &ClipConfig,
+        cfg: &AdapterConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let expected = expected_shapes(clip, cfg);
+        let mut problems = Vec::new();
+        for (k, shape) in &expected {
+            match tensors.get(k) {
+                None => problems.push(format!("missing `{k}`")),
+                Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
+                    "`{k}`: file has {:?}, adapters need {shape:?}",
+                    t.dims()
+                )),
+                _ => {}
+            }
+        }
+        let mut unexpected: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            // with sharing across towers, PyTorch also saves the shared copy under vision keys
+            .filter(|k| !(cfg.sharing == Sharing::Both && k.contains(".BiShareAdapterxx.")))
+            .collect();
+        unexpected.sort();
+        problems.extend(unexpected.iter().map(|k| format!("unexpected `{k}`")));
+        if !problems.is_empty() {
+            let n = problems.len();
+            problems.truncate(12);
+            return Err(Error::Msg(format!(
+                "adapters do not match the model and adapter settings ({n} problems): {}{}",
+                problems.join(", "),
+                if n > 12 { ", ..." } else { "" }
+            )));
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let mut towers = Vec::new();
+        let mut shares: Vec<BiShareAdapter> = Vec::new();
+        // text first: it owns the shared mini-adapters
+        for (tower, width, layers) in [
+            (Tower::Text, clip.text.width, clip.text.layers),
+            (Tower::Vision, clip.vision.width, clip.vision.layers),
+        ] {
+            let mut blocks = Vec::new();
+            for i in 0..layers {
+                let b = vb.pp(block_prefix(tower, i));
+                let a = b.pp("mmadapter");
+                let share = if !has_share(cfg.sharing, tower) {
+                    None
+                } else if tower == Tower::Text {
+                    let s =
+                        BiShareAdapter::new(a.pp("BiShareAdapterxx"), cfg.hidden, cfg.share_heads)?;
+                    shares.push(s.clone());
+                    Some(s)
+                } else {
+                    shares.get(i).cloned()
+                };
+                let adapter = MmAdapter {
+                    down: linear(&a.pp("img_proj_down"), cfg.hidden, width)?,
+                    up: linear(&a.pp("img_proj_up"), width, cfg.hidden)?,
+                    attn: mha(&a.pp("multihead_attention"), cfg.hidden, cfg.heads)?,
+                    share,
+                    gate: gate(&a, "gate1")?,
+                };
+                blocks.push((adapter, gate(&b, "gate1")?));
+            }
+            towers.push(blocks);
+        }
+        let vision = towers.pop().unwrap_or_default();
+        let text = towers.pop().unwrap_or_default();
+        Ok(Self {
+            config: cfg.clone(),
+            vision,
+            text,
+            temp: vb.get((), "temp")?,
+        })
+    }
+}
+
+impl BlockHook for HarmaAdapters {
+    fn mlp_out(&self, tower: Tower, block: usize, m: &Tensor) -> harma_clip::Result<Tensor> {
+        let blocks = match tower {
+            Tower::Vision => &self.vision,
+            Tower::Text => &self.text,
+        };
+        let Some((adapter, a)) = blocks.get(block) else {
+            return Ok(m.clone());
+        };
+        let adapted = adapter
+            .forward(m)
+            .map_err(|e| harma_clip::Error::Msg(e.to_string()))?;
+        mix(a, &adapted, m).map_err(|e| harma_clip::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vit_b32_trainable_parameter_count_is_the_papers() {
+        let shapes = expected_shapes(&ClipConfig::vit_b32(), &AdapterConfig::default());
+        let n: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+        assert_eq!(n, 5_934_397);
+    }
+
+    #[test]
+    fn sharing_topologies_change_only_the_mini_adapters() {
+        let clip = ClipConfig::vit_b32();
+        let count = |sharing| {
+            let cfg = AdapterConfig {
+                sharing,
+                ..AdapterConfig::default()
+            };
+            expected_shapes(&clip, &cfg)
+                .values()
+                .map(|s| s.iter().product::<usize>())
+                .sum::<usize>()
+        };
+        // 12 mini-adapters of 33,217 parameters each
+        assert_eq!(count(Sharing::Text) - count(Sharing::None), 12 * 33_217);
+        // shared, not duplicated, across the towers
+        assert_eq!(count(Sharing::Both), count(Sharing::Text));
+    }
+}

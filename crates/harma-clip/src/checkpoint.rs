@@ -243,6 +243,23 @@ fn from_hf(mut hf: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
     Ok(out)
 }
 
+/// The adapter tensors (HarMA's trainable part) of a file, `model.`/`module.` prefixes removed:
+/// an adapters-only safetensors file, or a whole HarMA checkpoint whose backbone is ignored.
+pub fn load_adapters(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let adapters: HashMap<String, Tensor> = load_tensors(path)?
+        .into_iter()
+        .map(|(k, t)| (strip_prefixes(&k).to_string(), t))
+        .filter(|(k, _)| is_adapter_key(k))
+        .collect();
+    if adapters.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "{}: no adapter tensors (keys with `.mmadapter.`, `.gate1` or `temp`)",
+            path.display()
+        )));
+    }
+    Ok(adapters)
+}
+
 /// A checkpoint read into open_clip names: the backbone tensors, and the HarMA adapter tensors
 /// (if any) kept apart for the adapter crate.
 #[derive(Debug)]

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use harma_clip::{Checkpoint, Clip, ClipConfig, ClipTokenizer};
+use harma_adapters::{AdapterConfig, HarmaAdapters, Sharing};
+use harma_clip::{BlockHook, Checkpoint, Clip, ClipConfig, ClipTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// File extensions read as images.
@@ -30,9 +31,59 @@ pub struct Args {
     /// Output safetensors file (written atomically)
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
+    /// HarMA adapters to apply: an adapters-only safetensors file or a HarMA checkpoint. Without
+    /// it, adapters inside --model (an official HarMA checkpoint) are used; with neither, the
+    /// model is plain CLIP (the zero-shot baseline)
+    #[arg(long, value_name = "FILE")]
+    pub adapters: Option<PathBuf>,
+    /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
+    #[arg(long, default_value = "text", value_enum)]
+    pub sharing: SharingArg,
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SharingArg {
+    Text,
+    Both,
+    None,
+}
+
+impl From<SharingArg> for Sharing {
+    fn from(s: SharingArg) -> Self {
+        match s {
+            SharingArg::Text => Sharing::Text,
+            SharingArg::Both => Sharing::Both,
+            SharingArg::None => Sharing::None,
+        }
+    }
+}
+
+/// The adapters to apply: from `--adapters`, else those inside the model checkpoint, else none.
+pub fn resolve_adapters(
+    explicit: Option<&Path>,
+    ckpt: &mut Checkpoint,
+    cfg: &ClipConfig,
+    sharing: Sharing,
+    device: &Device,
+) -> Result<Option<HarmaAdapters>> {
+    let (tensors, source) = match explicit {
+        Some(p) => (harma_clip::checkpoint::load_adapters(p)?, p.to_path_buf()),
+        None if !ckpt.adapters.is_empty() => {
+            (std::mem::take(&mut ckpt.adapters), ckpt.path.clone())
+        }
+        None => return Ok(None),
+    };
+    let acfg = AdapterConfig {
+        sharing,
+        ..AdapterConfig::default()
+    };
+    let adapters = HarmaAdapters::from_tensors(tensors, cfg, &acfg, device)
+        .with_context(|| format!("adapters from {}", source.display()))?;
+    eprintln!("adapters from {} (sharing: {sharing:?})", source.display());
+    Ok(Some(adapters))
 }
 
 /// The image files of `dir` with a known extension, sorted by file name.
@@ -88,6 +139,7 @@ fn progress(n: usize, what: &str) -> ProgressBar {
 /// Embed images in batches; decoding runs on a second thread one batch ahead of the model.
 pub fn embed_images(
     model: &Clip,
+    hook: Option<&dyn BlockHook>,
     files: &[PathBuf],
     batch: usize,
     device: &Device,
@@ -117,7 +169,7 @@ pub fn embed_images(
         for msg in rx {
             let (n, pixels) = msg?;
             let x = Tensor::from_vec(pixels, (n, 3, size, size), device)?;
-            outs.push(model.encode_image(&x, None)?);
+            outs.push(model.encode_image(&x, hook)?);
             pb.inc(n as u64);
         }
         Ok(())
@@ -128,6 +180,7 @@ pub fn embed_images(
 /// Embed captions in batches.
 pub fn embed_captions(
     model: &Clip,
+    hook: Option<&dyn BlockHook>,
     tokenizer: &ClipTokenizer,
     captions: &[String],
     batch: usize,
@@ -139,7 +192,7 @@ pub fn embed_captions(
     for chunk in captions.chunks(batch) {
         let ids = tokenizer.encode_batch(chunk)?;
         let ids = Tensor::from_vec(ids, (chunk.len(), ctx), device)?;
-        outs.push(model.encode_text(&ids, None)?);
+        outs.push(model.encode_text(&ids, hook)?);
         pb.inc(chunk.len() as u64);
     }
     Ok(Tensor::cat(&outs, 0)?)
@@ -163,9 +216,17 @@ pub fn run(args: &Args) -> Result<()> {
     let cfg = ClipConfig::preset(&args.arch)?;
     let device = Device::Cpu;
     let start = std::time::Instant::now();
-    let ckpt = Checkpoint::load(&args.model, &cfg)?;
+    let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
     let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
+    let adapters = resolve_adapters(
+        args.adapters.as_deref(),
+        &mut ckpt,
+        &cfg,
+        args.sharing.into(),
+        &device,
+    )?;
     drop(ckpt);
+    let hook = adapters.as_ref().map(|a| a as &dyn BlockHook);
     eprintln!(
         "loaded {} ({}) in {:.1}s",
         args.model.display(),
@@ -178,10 +239,18 @@ pub fn run(args: &Args) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("model".to_string(), args.model.display().to_string());
     meta.insert("arch".to_string(), args.arch.clone());
+    meta.insert(
+        "adapters".to_string(),
+        match (&adapters, &args.adapters) {
+            (None, _) => "none".to_string(),
+            (Some(_), Some(p)) => p.display().to_string(),
+            (Some(_), None) => args.model.display().to_string(),
+        },
+    );
     if let Some(files) = &files {
         let pb = progress(files.len(), "images");
         let start = std::time::Instant::now();
-        let t = embed_images(&model, files, batch, &device, &pb)?;
+        let t = embed_images(&model, hook, files, batch, &device, &pb)?;
         pb.finish();
         report(files.len(), "images", start);
         let names: Vec<String> = files
@@ -195,7 +264,7 @@ pub fn run(args: &Args) -> Result<()> {
         let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
         let pb = progress(captions.len(), "captions");
         let start = std::time::Instant::now();
-        let t = embed_captions(&model, &tokenizer, captions, batch, &device, &pb)?;
+        let t = embed_captions(&model, hook, &tokenizer, captions, batch, &device, &pb)?;
         pb.finish();
         report(captions.len(), "captions", start);
         tensors.push(("text_embeds", t));

@@ -152,3 +152,65 @@ fn embed_errors_name_the_culprit_and_write_nothing() {
     assert!(!out.exists(), "no output after a failure");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn embed_applies_adapters_from_the_checkpoint_or_a_file() {
+    let dir = temp_dir("adapters");
+    let a = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures");
+    let imgs = fixtures().join("images");
+    let (model, arch) = (a.join("harma.pth"), a.join("config.json"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--arch",
+            arch.to_str().unwrap(),
+            "--images",
+            imgs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = harma(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let inside = dir.join("inside.safetensors");
+    let log = run(&inside, &[]);
+    assert!(
+        log.contains("adapters from") && log.contains("harma.pth"),
+        "{log}"
+    );
+    let file = dir.join("file.safetensors");
+    let log = run(
+        &file,
+        &[
+            "--adapters",
+            a.join("adapters.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(log.contains("adapters.safetensors"), "{log}");
+    assert_eq!(read(&inside), read(&file));
+    // the wrong topology for these adapters is refused with the keys at fault
+    let o = harma(&[
+        "embed",
+        "--model",
+        a.join("harma.pth").to_str().unwrap(),
+        "--arch",
+        a.join("config.json").to_str().unwrap(),
+        "--images",
+        imgs.to_str().unwrap(),
+        "--sharing",
+        "none",
+        "--out",
+        dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("unexpected `transformer.resblocks.0.mmadapter.BiShareAdapterxx"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

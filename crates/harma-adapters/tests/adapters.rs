@@ -1,0 +1,114 @@
+//! Adapters against the ORIGINAL HarMA model code (fixtures: tests/fixtures/make_fixtures.py,
+//! run on a checkout of github.com/seekerhuang/HarMA): a tiny CLIP with every adapter tensor
+//! random, loaded from a HarMA-style checkpoint (`{'model': ..., 'config': CommentedMap}`) and
+//! from an adapters-only safetensors file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use harma_adapters::{AdapterConfig, HarmaAdapters, Sharing};
+use harma_clip::checkpoint::load_adapters;
+use harma_clip::{Checkpoint, Clip, ClipConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn config() -> ClipConfig {
+    ClipConfig::preset(fixtures().join("config.json").to_str().unwrap()).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn check(model: &Clip, adapters: &HarmaAdapters) -> Result<()> {
+    let want =
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+    let img = model.encode_image(&want["pixels"], Some(adapters))?;
+    let txt = model.encode_text(&want["ids"].to_dtype(DType::U32)?, Some(adapters))?;
+    let ei = max_abs_diff(&img, &want["image"])?;
+    let et = max_abs_diff(&txt, &want["text"])?;
+    eprintln!("image max abs err {ei:.2e}, text {et:.2e}");
+    assert!(ei <= 1e-5 && et <= 1e-5, "image {ei}, text {et}");
+    Ok(())
+}
+
+#[test]
+fn official_style_checkpoint_matches_the_original_model() -> Result<()> {
+    let cfg = config();
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
+    assert_eq!(ckpt.adapters.len(), 59);
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let adapters =
+        HarmaAdapters::from_tensors(ckpt.adapters, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+    assert!((adapters.temp.to_scalar::<f32>()? - 0.05).abs() < 1e-7);
+    check(&model, &adapters)
+}
+
+#[test]
+fn adapters_only_file_on_a_backbone_gives_the_same_model() -> Result<()> {
+    let cfg = config();
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let tensors = load_adapters(&fixtures().join("adapters.safetensors"))?;
+    let adapters =
+        HarmaAdapters::from_tensors(tensors, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+    check(&model, &adapters)
+}
+
+#[test]
+fn adapters_change_the_embeddings() -> Result<()> {
+    // the fixture is only a proof if the adapters matter: plain CLIP must differ
+    let cfg = config();
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let want =
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+    let img = model.encode_image(&want["pixels"], None)?;
+    assert!(max_abs_diff(&img, &want["image"])? > 1e-2);
+    Ok(())
+}
+
+#[test]
+fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
+    let cfg = config();
+    let mut tensors: HashMap<String, Tensor> =
+        load_adapters(&fixtures().join("adapters.safetensors"))?;
+    tensors.remove("transformer.resblocks.1.mmadapter.BiShareAdapterxx.gate1");
+    let err = HarmaAdapters::from_tensors(
+        tensors.clone(),
+        &cfg,
+        &AdapterConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing `transformer.resblocks.1.mmadapter.BiShareAdapterxx.gate1`"),
+        "{err}"
+    );
+    // the released checkpoints have no mini-adapters in the image tower: `none` finds extras
+    let none = AdapterConfig {
+        sharing: Sharing::None,
+        ..AdapterConfig::default()
+    };
+    let err = HarmaAdapters::from_tensors(tensors, &cfg, &none, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unexpected `transformer.resblocks.0.mmadapter.BiShareAdapterxx.l1.bias`"),
+        "{err}"
+    );
+    let err = load_adapters(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../harma-clip/tests/fixtures/tiny/open_clip.safetensors"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no adapter tensors"), "{err}");
+    Ok(())
+}
