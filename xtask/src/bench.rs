@@ -115,6 +115,24 @@ fn torch_round(py: &PathBuf, b: usize, iters: usize, threads: usize) -> Result<s
     serde_json::from_slice(&out.stdout).context("PyTorch bench printed no JSON")
 }
 
+/// Seconds to evaluate a random `n_img` x `5 n_img` score matrix (5 captions per image).
+fn metrics_seconds(n_img: usize) -> Result<f64> {
+    use rayon::prelude::*;
+    let n_txt = 5 * n_img;
+    let mut s = vec![0f32; n_img * n_txt];
+    s.par_chunks_mut(n_txt).enumerate().for_each(|(i, row)| {
+        let mut x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(1);
+        for v in row.iter_mut() {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *v = (x >> 8) as f32 / (1u32 << 24) as f32;
+        }
+    });
+    let txt2img: Vec<usize> = (0..n_txt).map(|j| j / 5).collect();
+    let t = Instant::now();
+    harma_metrics::evaluate(&s, n_img, &txt2img)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn matmul_gflops(device: &Device) -> Result<f64> {
     let (m, k, n) = (1600, 768, 3072);
     let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
@@ -202,6 +220,12 @@ pub fn run(args: &Args) -> Result<()> {
         })
         .collect();
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
+    let n_img = if args.quick { 2_000 } else { 10_000 };
+    let metrics_s = metrics_seconds(n_img)?;
+    println!(
+        "metrics (R@K both ways, mR) on a {n_img} x {} score matrix: {metrics_s:.2} s",
+        5 * n_img
+    );
     println!(
         "{:<30} {:>10} {:>10} {:>8} {:>12}",
         "workload", "harma-rs", "PyTorch", "ratio", "matmul share"
@@ -223,6 +247,10 @@ pub fn run(args: &Args) -> Result<()> {
             serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
         );
     }
+    json.insert(
+        "metrics_seconds".into(),
+        serde_json::json!({"images": n_img, "captions": 5 * n_img, "seconds": metrics_s}),
+    );
     json.insert("threads".into(), threads.into());
     json.insert("batch".into(), b.into());
     if let Some(p) = &args.json {
