@@ -1,8 +1,10 @@
 //! Data for HarMA: image decoding and the CLIP preprocessing (this crate matches PIL and
-//! torchvision so embeddings equal the PyTorch pipeline's).
+//! torchvision so embeddings equal the PyTorch pipeline's), and caption cleaning.
 
+pub mod caption;
 pub mod image;
 
+pub use crate::caption::clean_caption;
 pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD};
 
 /// Errors of the data crate.
