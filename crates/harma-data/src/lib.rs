@@ -1,6 +1,7 @@
 //! Data for HarMA: image decoding and the CLIP preprocessing (this crate matches PIL and
 //! torchvision so embeddings equal the PyTorch pipeline's), and caption cleaning.
 
+pub mod annotations;
 pub mod caption;
 pub mod image;
 
@@ -12,6 +13,8 @@ pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLI
 pub enum Error {
     #[error("{path}: {msg}")]
     Image { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Data { path: String, msg: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
