@@ -20,9 +20,13 @@ pub enum Command {
     /// name) and `text_embeds` [n_lines, dim] (one per non-empty line of FILE, in order) to a
     /// safetensors file; its metadata lists the image names.
     ///
-    /// Example:
-    ///   harma embed --model data/models/RS5M_ViT-B-32_RET-2.pt \
-    ///     --images data/rsitmd/images --captions queries.txt --out embeds.safetensors
+    /// Example (GeoRSCLIP weights, RSITMD images, one query per line):
+    ///
+    /// harma embed --model RS5M_ViT-B-32_RET-2.pt --images rsitmd/images --captions queries.txt --out embeds.safetensors
+    ///
+    /// With HarMA's released checkpoint the adapters inside it are applied:
+    ///
+    /// harma embed --model harma_rsitmd_georsclip_mr523.pth --captions queries.txt --out q.safetensors
     Embed(embed::Args),
 }
 
