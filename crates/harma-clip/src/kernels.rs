@@ -6,7 +6,7 @@
 //! attention as one parallel loop over (sequence, head), each with single-threaded GEMMs, and
 //! QuickGELU in one pass. Other devices and dtypes take the generic path in `ops`.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part.
@@ -127,6 +127,206 @@ impl CustomOp1 for Attention {
         );
         Ok((CpuStorage::F32(out), Shape::from((b, l, d))))
     }
+
+    /// Gradient for the packed q|k|v input (the probabilities are recomputed, not stored).
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let op = AttentionBwd {
+            heads: self.heads,
+            causal: self.causal,
+        };
+        Ok(Some(qkv.contiguous()?.apply_op2_no_bwd(&g, &op)?))
+    }
+}
+
+/// Backward of [`Attention`]: (qkv [b, l, 3d], dO [b, l, d]) -> dqkv [b, l, 3d].
+/// Per (sequence, head): P = softmax(scale q k^T), dV = P^T dO, dP = dO V^T,
+/// dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
+struct AttentionBwd {
+    heads: usize,
+    causal: bool,
+}
+
+impl candle_core::CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(s1, l1, "attention-bwd")?;
+        let dout = contiguous_f32(s2, l2, "attention-bwd")?;
+        let (b, l, d3) = l1.shape().dims3()?;
+        let d = d3 / 3;
+        let h = self.heads;
+        let hd = d / h;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut dqkv = vec![0f32; b * l * d3];
+        let dptr = SendPtr(dqkv.as_mut_ptr());
+        let causal = self.causal;
+        (0..b * h).into_par_iter().for_each_init(
+            || (vec![0f32; l * l], vec![0f32; l * l]),
+            |(p, dp), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let base = bi * l * d3;
+                let q = qkv[base + hi * hd..].as_ptr();
+                let k = qkv[base + d + hi * hd..].as_ptr();
+                let v = qkv[base + 2 * d + hi * hd..].as_ptr();
+                let go = dout[bi * l * d + hi * hd..].as_ptr();
+                let dq = dptr;
+                // SAFETY: as in the forward; every (bi, hi) writes its own columns of dqkv.
+                unsafe {
+                    let dq_p = dq.0.add(base + hi * hd);
+                    let dk_p = dq.0.add(base + d + hi * hd);
+                    let dv_p = dq.0.add(base + 2 * d + hi * hd);
+                    gemm::gemm(
+                        l,
+                        l,
+                        hd,
+                        p.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        q,
+                        1,
+                        d3 as isize,
+                        k,
+                        d3 as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    for i in 0..l {
+                        let row = &mut p[i * l..(i + 1) * l];
+                        let valid = if causal { i + 1 } else { l };
+                        let max = row[..valid]
+                            .iter()
+                            .copied()
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for x in row[..valid].iter_mut() {
+                            *x = fast_exp(*x - max);
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row[..valid].iter_mut().for_each(|x| *x *= inv);
+                        row[valid..].fill(0.0);
+                    }
+                    // dV = P^T dO  [l, hd]
+                    gemm::gemm(
+                        l,
+                        hd,
+                        l,
+                        dv_p,
+                        1,
+                        d3 as isize,
+                        false,
+                        p.as_ptr(),
+                        l as isize,
+                        1,
+                        go,
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    // dP = dO V^T  [l, l]
+                    gemm::gemm(
+                        l,
+                        l,
+                        hd,
+                        dp.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        go,
+                        1,
+                        d as isize,
+                        v,
+                        d3 as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    // dS = P * (dP - rowsum(dP * P)), scaled for q k^T
+                    for i in 0..l {
+                        let pr = &p[i * l..(i + 1) * l];
+                        let dr = &mut dp[i * l..(i + 1) * l];
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (g, &pv) in dr.iter_mut().zip(pr) {
+                            *g = pv * (*g - dot) * scale;
+                        }
+                    }
+                    // dQ = dS K, dK = dS^T Q
+                    gemm::gemm(
+                        l,
+                        hd,
+                        l,
+                        dq_p,
+                        1,
+                        d3 as isize,
+                        false,
+                        dp.as_ptr(),
+                        1,
+                        l as isize,
+                        k,
+                        1,
+                        d3 as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    gemm::gemm(
+                        l,
+                        hd,
+                        l,
+                        dk_p,
+                        1,
+                        d3 as isize,
+                        false,
+                        dp.as_ptr(),
+                        l as isize,
+                        1,
+                        q,
+                        1,
+                        d3 as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
 }
 
 /// `e^x` in f32 without a libm call, so loops over it vectorise: 2^n times a degree-6
@@ -200,6 +400,13 @@ impl CustomOp1 for QuickGelu {
             .for_each(|(o, x)| quick_gelu_dispatch(x, o));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+
+    /// d/dx x s(1.702x) = s + 1.702 x s (1 - s), with s = sigmoid(1.702 x).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
+        let ds = ((&s * (1.0 - &s)?)? * x)? * 1.702;
+        Ok(Some(grad.mul(&(s + ds?)?)?))
+    }
 }
 
 /// `x @ w^T + b` with the bias written first and accumulated into by the GEMM, saving the
@@ -269,6 +476,89 @@ impl candle_core::CustomOp3 for LinearBias {
             );
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    /// The input's gradient always; the weight's and bias's only when they are trained (a
+    /// frozen weight is a plain tensor: no gradient is computed or kept for it).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_t: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gx = x.track_op().then(|| grad.matmul(&w_t.t()?)).transpose()?;
+        let gw = w_t.track_op().then(|| x.t()?.matmul(grad)).transpose()?;
+        let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
+        Ok((gx, gw, gb))
+    }
+}
+
+/// Layer norm over the last dimension, `x` [rows, d], `w` and `b` [d]. The backward gives the
+/// input's gradient, and the gain's and bias's only when they are trained.
+pub struct LayerNormOp {
+    pub eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "layer-norm")?;
+        let w = contiguous_f32(ws, wl, "layer-norm")?;
+        let b = contiguous_f32(bs, bl, "layer-norm")?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let eps = self.eps;
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let mean = x.iter().sum::<f32>() / d as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                y[i] = (x[i] - mean) * inv * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)? as f64;
+        let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let inv = (var + self.eps as f64)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&inv)?;
+        let gx = if x.track_op() {
+            // dx = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
+            let g = grad.broadcast_mul(w)?;
+            let mg = g.mean_keepdim(candle_core::D::Minus1)?;
+            let mgx = (&g * &xhat)?.sum_keepdim(candle_core::D::Minus1)? / d;
+            let inner = (g.broadcast_sub(&mg)? - xhat.broadcast_mul(&mgx?)?)?;
+            Some(inner.broadcast_mul(&inv)?)
+        } else {
+            None
+        };
+        let gw = w.track_op().then(|| (grad * &xhat)?.sum(0)).transpose()?;
+        let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
+        Ok((gx, gw, gb))
     }
 }
 

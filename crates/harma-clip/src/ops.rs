@@ -36,7 +36,7 @@ impl Linear {
         let y = match &self.bias {
             Some(b) if fused_cpu(x) => {
                 x2.contiguous()?
-                    .apply_op3_no_bwd(&self.weight_t, b, &kernels::LinearBias)?
+                    .apply_op3(&self.weight_t, b, kernels::LinearBias)?
             }
             Some(b) => x2.matmul(&self.weight_t)?.broadcast_add(b)?,
             None => x2.matmul(&self.weight_t)?,
@@ -63,6 +63,19 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_cpu(x) {
+            let dims = x.dims().to_vec();
+            let d = *dims.last().expect("layer norm input has a last dimension");
+            let x2 = x.contiguous()?.reshape(((), d))?;
+            let y = x2.apply_op3(
+                &self.weight,
+                &self.bias,
+                kernels::LayerNormOp {
+                    eps: self.eps as f32,
+                },
+            )?;
+            return Ok(y.reshape(dims)?);
+        }
         Ok(candle_nn::ops::layer_norm(
             &x.contiguous()?,
             &self.weight,
@@ -85,7 +98,7 @@ fn fused_cpu(x: &Tensor) -> bool {
 /// `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if fused_cpu(x) {
-        return Ok(x.contiguous()?.apply_op1_no_bwd(&kernels::QuickGelu)?);
+        return Ok(x.contiguous()?.apply_op1(kernels::QuickGelu)?);
     }
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
@@ -112,7 +125,7 @@ impl MultiHeadAttention {
         let hd = d / h;
         let qkv = self.in_proj.forward(x)?; // [b, l, 3d]
         if fused_cpu(&qkv) {
-            let o = qkv.apply_op1_no_bwd(&kernels::Attention { heads: h, causal })?;
+            let o = qkv.apply_op1(kernels::Attention { heads: h, causal })?;
             return self.out_proj.forward(&o);
         }
         let qkv = qkv.reshape((b, l, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // [3, b, h, l, hd]
