@@ -301,6 +301,28 @@ impl HarmaAdapters {
     }
 }
 
+impl HarmaAdapters {
+    /// Like [`HarmaAdapters::from_tensors`], with every tensor made a trainable [`Var`]
+    /// (returned by name, for the optimiser and for saving): the backward pass reaches these
+    /// and nothing else.
+    pub fn trainable(
+        tensors: HashMap<String, Tensor>,
+        clip: &ClipConfig,
+        cfg: &AdapterConfig,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let mut vars = Vec::with_capacity(tensors.len());
+        let mut as_vars = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let v = candle_core::Var::from_tensor(&t.to_device(device)?.to_dtype(DType::F32)?)?;
+            as_vars.insert(name.clone(), v.as_tensor().clone());
+            vars.push((name, v));
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((Self::from_tensors(as_vars, clip, cfg, device)?, vars))
+    }
+}
+
 impl BlockHook for HarmaAdapters {
     fn mlp_out(&self, tower: Tower, block: usize, m: &Tensor) -> harma_clip::Result<Tensor> {
         let blocks = match tower {

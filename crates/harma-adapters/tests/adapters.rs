@@ -112,3 +112,77 @@ fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
     assert!(err.contains("no adapter tensors"), "{err}");
     Ok(())
 }
+
+/// The gradient of every trainable tensor for one training batch (4 pairs, two of one image),
+/// contrastive + adaptive triplet, against the original model and loss code.
+#[test]
+fn gradients_of_every_trainable_tensor_match_the_original() -> Result<()> {
+    let cfg = config();
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let (adapters, vars) = HarmaAdapters::trainable(
+        ckpt.adapters.clone(),
+        &cfg,
+        &AdapterConfig::default(),
+        &Device::Cpu,
+    )?;
+    assert_eq!(vars.len(), 59);
+    let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
+    let img = model.encode_image(&want["pixels"], Some(&adapters))?;
+    let txt = model.encode_text(&want["ids"].to_dtype(DType::U32)?, Some(&adapters))?;
+    let ids: Vec<i64> = want["image_ids"].to_vec1()?;
+    let terms = harma_loss::harma_loss(
+        &img,
+        &txt,
+        &adapters.temp,
+        &ids,
+        &harma_loss::LossConfig::default(),
+    )?;
+    let rel = |a: f32, b: f32| (a - b).abs() / b.abs();
+    let (c, t) = (
+        terms.contrastive.to_scalar::<f32>()?,
+        terms.triplet.to_scalar::<f32>()?,
+    );
+    assert!(
+        rel(c, want["loss_contrastive"].to_scalar()?) < 1e-5,
+        "contrastive {c}"
+    );
+    assert!(
+        rel(t, want["loss_triplet"].to_scalar()?) < 1e-5,
+        "triplet {t}"
+    );
+    let grads = terms.total.backward()?;
+    let mut worst = (0f32, String::new());
+    for (name, var) in &vars {
+        let key = if name == "temp" {
+            "grad.temp".to_string()
+        } else {
+            format!("grad.model.{name}")
+        };
+        let reference = &want[&key];
+        let ours = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(
+            ours.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.0,
+            "{name}: zero gradient"
+        );
+        // relative to the tensor's largest reference gradient
+        let scale = reference
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?
+            .max(1e-12);
+        let err = max_abs_diff(ours, reference)? / scale;
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+        assert!(err <= 1e-4, "{name}: relative gradient error {err}");
+    }
+    eprintln!(
+        "59 gradients, worst relative error {:.1e} ({})",
+        worst.0, worst.1
+    );
+    Ok(())
+}
