@@ -125,35 +125,39 @@ pub fn expected_shapes(clip: &ClipConfig, cfg: &AdapterConfig) -> BTreeMap<Strin
     m
 }
 
+// Adapter layers read their tensors at every forward (`Linear::trained`, gates through
+// `sigmoid` in `forward`), so optimiser updates to the variables take effect.
+
 fn mha(vb: &VarBuilder, d: usize, heads: usize) -> Result<MultiHeadAttention> {
     Ok(MultiHeadAttention {
-        in_proj: Linear::new(
+        in_proj: Linear::trained(
             vb.get((3 * d, d), "in_proj_weight")?,
             Some(vb.get(3 * d, "in_proj_bias")?),
-        )?,
-        out_proj: Linear::new(
+        ),
+        out_proj: Linear::trained(
             vb.get((d, d), "out_proj.weight")?,
             Some(vb.get(d, "out_proj.bias")?),
-        )?,
+        ),
         heads,
     })
 }
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
+    Ok(Linear::trained(
         vb.get((out, inp), "weight")?,
         Some(vb.get(out, "bias")?),
-    )?)
+    ))
 }
 
-/// `sigmoid(gate)` as a scalar tensor.
+/// A gate's raw (pre-sigmoid) scalar.
 fn gate(vb: &VarBuilder, name: &str) -> Result<Tensor> {
-    Ok(candle_nn::ops::sigmoid(&vb.get((), name)?)?)
+    Ok(vb.get((), name)?)
 }
 
-/// `s * a + (1 - s) * b` for a scalar tensor `s`.
-fn mix(s: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a.broadcast_mul(s)? + b.broadcast_mul(&(1.0 - s)?)?)?)
+/// `s * a + (1 - s) * b` with `s = sigmoid(gate)`.
+fn mix(gate: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(gate)?;
+    Ok((a.broadcast_mul(&s)? + b.broadcast_mul(&(1.0 - &s)?)?)?)
 }
 
 /// The mini-adapter: `u = s * mha1(l1(x)) + (1 - s) * l1(x)`; `x + l2(u)`.

@@ -10,20 +10,47 @@ pub use crate::kernels::Attention as AttentionKernel;
 
 use crate::Result;
 
-/// A frozen linear layer: `x @ weight^T + bias` on the last dimension of any rank. The weight
-/// is given as PyTorch stores it ([out, in]) and kept transposed ([in, out], contiguous): the
-/// GEMM reads a contiguous right-hand side up to 1.4x faster than a transposed view.
+/// The weight of a [`Linear`].
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Frozen: stored transposed ([in, out], contiguous), since the GEMM reads a contiguous
+    /// right-hand side up to 1.4x faster than a transposed view.
+    Frozen(Tensor),
+    /// Trained (a `Var`'s tensor, [out, in]): transposed at each forward so that updates to the
+    /// variable take effect and gradients reach it.
+    Trained(Tensor),
+}
+
+/// A linear layer, `x @ weight^T + bias` on the last dimension of any rank; weights are given
+/// as PyTorch stores them ([out, in]).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight_t: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// A frozen layer (the backbone's).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
+            weight: Weight::Frozen(weight.t()?.contiguous()?),
             bias,
+        })
+    }
+
+    /// A trained layer (an adapter's): `weight` and `bias` are read at every forward.
+    pub fn trained(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Trained(weight),
+            bias,
+        }
+    }
+
+    /// The weight as [in, out].
+    pub fn weight_t(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Frozen(t) => t.clone(),
+            Weight::Trained(w) => w.t()?.contiguous()?,
         })
     }
 
@@ -31,15 +58,16 @@ impl Linear {
         let dims = x.dims().to_vec();
         let last = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let weight_t = self.weight_t()?;
         // one 2-d matmul over every row: the largest GEMM Candle can run
         let x2 = x.reshape((rows, last))?;
         let y = match &self.bias {
             Some(b) if fused_cpu(x) => {
                 x2.contiguous()?
-                    .apply_op3(&self.weight_t, b, kernels::LinearBias)?
+                    .apply_op3(&weight_t, b, kernels::LinearBias)?
             }
-            Some(b) => x2.matmul(&self.weight_t)?.broadcast_add(b)?,
-            None => x2.matmul(&self.weight_t)?,
+            Some(b) => x2.matmul(&weight_t)?.broadcast_add(b)?,
+            None => x2.matmul(&weight_t)?,
         };
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;

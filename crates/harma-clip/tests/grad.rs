@@ -124,15 +124,15 @@ fn frozen_weights_get_no_gradient_trained_ones_do() -> Result<()> {
     // a trained linear after the frozen part
     let w = Var::from_tensor(&randn(&[8, 16], 12)?)?;
     let b = Var::from_tensor(&Tensor::zeros(8, DType::F32, &Device::Cpu)?)?;
-    let trained = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))?;
+    let trained = Linear::trained(w.as_tensor().clone(), Some(b.as_tensor().clone()));
     let y = trained.forward(&ops::quick_gelu(
         &frozen.forward(&ln.forward(x.as_tensor())?, false)?,
     )?)?;
     let grads = y.sum_all()?.backward()?;
     for t in [
-        &frozen.in_proj.weight_t,
+        &frozen.in_proj.weight_t()?,
         frozen.in_proj.bias.as_ref().unwrap(),
-        &frozen.out_proj.weight_t,
+        &frozen.out_proj.weight_t()?,
         &ln.weight,
         &ln.bias,
     ] {

@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod embed;
+pub mod optim;
 pub mod output;
