@@ -22,6 +22,10 @@ pub struct Args {
     /// A Python with torch and open_clip_torch: run the same workloads in PyTorch too
     #[arg(long, value_name = "PATH")]
     torch_python: Option<PathBuf>,
+    /// A checkout of the original HarMA repository: with --torch-python, also time its training
+    /// step (xtask/bench_torch_train.py)
+    #[arg(long, value_name = "DIR")]
+    harma_repo: Option<PathBuf>,
     /// Batch size
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -133,6 +137,54 @@ fn metrics_seconds(n_img: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Peak resident memory of this process so far (Linux `VmHWM`), in GB.
+fn peak_rss_gb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1e6)
+        .unwrap_or(f64::NAN)
+}
+
+/// Training pairs per second: forward of both towers with random ViT-B/32 adapters, the HarMA
+/// objective, backward (adapters only) and an AdamW update, at batch `b`.
+fn train_pairs_per_s(
+    model: &Clip,
+    cfg: &ClipConfig,
+    pixels: &Tensor,
+    ids: &Tensor,
+    iters: usize,
+) -> Result<f64> {
+    use harma_adapters::{AdapterConfig, HarmaAdapters};
+    let device = pixels.device();
+    let acfg = AdapterConfig::default();
+    let mut tensors = HashMap::new();
+    for (name, shape) in harma_adapters::expected_shapes(cfg, &acfg) {
+        let t = if shape.is_empty() {
+            Tensor::new(if name == "temp" { 0.07f32 } else { 0.6 }, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        tensors.insert(name, t);
+    }
+    let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, device)?;
+    let mut opt = harma_train::optim::AdamW::new(vars, Default::default())?;
+    let b = pixels.dim(0)?;
+    let image_ids: Vec<i64> = (0..b as i64).collect();
+    rate(b, iters, || {
+        let img = model.encode_image(pixels, Some(&adapters))?;
+        let txt = model.encode_text(ids, Some(&adapters))?;
+        let loss =
+            harma_loss::harma_loss(&img, &txt, &adapters.temp, &image_ids, &Default::default())?;
+        opt.step(&loss.total.backward()?, 1e-4)?;
+        Ok(())
+    })
+}
+
 fn matmul_gflops(device: &Device) -> Result<f64> {
     let (m, k, n) = (1600, 768, 3072);
     let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
@@ -220,6 +272,40 @@ pub fn run(args: &Args) -> Result<()> {
         })
         .collect();
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
+    let rss_before = peak_rss_gb();
+    let train = train_pairs_per_s(&model, &cfg, &pixels, &ids, if args.quick { 1 } else { 3 })?;
+    let rss_train = peak_rss_gb();
+    println!(
+        "training step (HarMA adapters, batch {b}): {train:.2} pairs/s, peak RSS {rss_train:.2} GB \
+         (before training: {rss_before:.2} GB)"
+    );
+    let mut torch_train = serde_json::Value::Null;
+    if let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) {
+        let out = std::process::Command::new(py)
+            .args(["xtask/bench_torch_train.py", "--batch", &b.to_string()])
+            .arg("--harma-repo")
+            .arg(repo)
+            .args(["--iters", if args.quick { "1" } else { "3" }])
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .output()
+            .with_context(|| format!("cannot run {}", py.display()))?;
+        if !out.status.success() {
+            bail!(
+                "PyTorch training bench failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        torch_train =
+            serde_json::from_slice(&out.stdout).context("no JSON from the training bench")?;
+        let tp = torch_train["pairs_per_s"].as_f64().unwrap_or(f64::NAN);
+        let tm = torch_train["peak_rss_gb"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "training step, original HarMA in PyTorch: {tp:.2} pairs/s, peak RSS {tm:.2} GB; \
+             ours/theirs: {:.2}x speed, {:.2}x memory",
+            train / tp,
+            rss_train / tm
+        );
+    }
     let n_img = if args.quick { 2_000 } else { 10_000 };
     let metrics_s = metrics_seconds(n_img)?;
     println!(
@@ -247,6 +333,10 @@ pub fn run(args: &Args) -> Result<()> {
             serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
         );
     }
+    json.insert(
+        "train".into(),
+        serde_json::json!({"pairs_per_s": train, "peak_rss_gb": rss_train, "pytorch": torch_train}),
+    );
     json.insert(
         "metrics_seconds".into(),
         serde_json::json!({"images": n_img, "captions": 5 * n_img, "seconds": metrics_s}),
