@@ -401,11 +401,91 @@ impl CustomOp1 for QuickGelu {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    /// d/dx x s(1.702x) = s + 1.702 x s (1 - s), with s = sigmoid(1.702 x).
+    /// d/dx x s(1.702x) = s + 1.702 x s (1 - s), with s = sigmoid(1.702 x), in one pass.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
-        let ds = ((&s * (1.0 - &s)?)? * x)? * 1.702;
-        Ok(Some(grad.mul(&(s + ds?)?)?))
+        Ok(Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &QuickGeluBwd)?,
+        ))
+    }
+}
+
+/// (x, dy) -> dx of QuickGELU.
+struct QuickGeluBwd;
+
+impl candle_core::CustomOp2 for QuickGeluBwd {
+    fn name(&self) -> &'static str {
+        "quick-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "quick-gelu-bwd")?;
+        let g = contiguous_f32(s2, l2, "quick-gelu-bwd")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                    let s = 1.0 / (1.0 + fast_exp(-1.702 * x));
+                    *o = g * (s + 1.702 * x * s * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// (x, w, dy) -> dx of layer norm over the last dimension, one pass per row:
+/// `dx = inv * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * w`.
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "layer-norm-bwd")?;
+        let w = contiguous_f32(ws, wl, "layer-norm-bwd")?;
+        let g = contiguous_f32(gs, gl, "layer-norm-bwd")?;
+        let d = w.len();
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (x, g))| {
+                let mean = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                let (mut mg, mut mgx) = (0f32, 0f32);
+                for i in 0..d {
+                    let gi = g[i] * w[i];
+                    mg += gi;
+                    mgx += gi * (x[i] - mean) * inv;
+                }
+                mg /= d as f32;
+                mgx /= d as f32;
+                for i in 0..d {
+                    let xhat = (x[i] - mean) * inv;
+                    o[i] = inv * (g[i] * w[i] - mg - xhat * mgx);
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
 
@@ -540,23 +620,25 @@ impl candle_core::CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(candle_core::D::Minus1)? as f64;
-        let mean = x.mean_keepdim(candle_core::D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        let inv = (var + self.eps as f64)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&inv)?;
         let gx = if x.track_op() {
-            // dx = inv * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
-            let g = grad.broadcast_mul(w)?;
-            let mg = g.mean_keepdim(candle_core::D::Minus1)?;
-            let mgx = (&g * &xhat)?.sum_keepdim(candle_core::D::Minus1)? / d;
-            let inner = (g.broadcast_sub(&mg)? - xhat.broadcast_mul(&mgx?)?)?;
-            Some(inner.broadcast_mul(&inv)?)
+            let op = LayerNormBwd { eps: self.eps };
+            Some(
+                x.contiguous()?
+                    .apply_op3_no_bwd(w, &grad.contiguous()?, &op)?,
+            )
         } else {
             None
         };
-        let gw = w.track_op().then(|| (grad * &xhat)?.sum(0)).transpose()?;
+        // a trained gain or bias (none in HarMA, whose layer norms are the frozen backbone's)
+        let gw = if w.track_op() {
+            let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            let xhat = xc.broadcast_div(&(var + self.eps as f64)?.sqrt()?)?;
+            Some((grad * &xhat)?.sum(0)?)
+        } else {
+            None
+        };
         let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
         Ok((gx, gw, gb))
     }
