@@ -97,26 +97,30 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// One round of the PyTorch workloads in a fresh process.
-fn torch_round(py: &PathBuf, b: usize, iters: usize, threads: usize) -> Result<serde_json::Value> {
+/// Run a Python bench script (from the workspace root) with `threads` threads; its stdout is JSON.
+fn run_python(
+    py: &PathBuf,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    threads: usize,
+) -> Result<serde_json::Value> {
     let out = std::process::Command::new(py)
-        .args([
-            "xtask/bench_torch.py",
-            "--batch",
-            &b.to_string(),
-            "--iters",
-            &iters.to_string(),
-        ])
+        .arg(script)
+        .args(args)
         .env("OMP_NUM_THREADS", threads.to_string())
         .output()
         .with_context(|| format!("cannot run {}", py.display()))?;
     if !out.status.success() {
-        bail!(
-            "PyTorch bench failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
-    serde_json::from_slice(&out.stdout).context("PyTorch bench printed no JSON")
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{script} printed no JSON"))
+}
+
+/// One round of the PyTorch workloads in a fresh process.
+fn torch_round(py: &PathBuf, b: usize, iters: usize, threads: usize) -> Result<serde_json::Value> {
+    let (b, iters) = (b.to_string(), iters.to_string());
+    let args = ["--batch", b.as_str(), "--iters", iters.as_str()].map(std::ffi::OsStr::new);
+    run_python(py, "xtask/bench_torch.py", &args, threads)
 }
 
 /// Seconds to evaluate a random `n_img` x `5 n_img` score matrix (5 captions per image).
@@ -281,22 +285,16 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut torch_train = serde_json::Value::Null;
     if let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) {
-        let out = std::process::Command::new(py)
-            .args(["xtask/bench_torch_train.py", "--batch", &b.to_string()])
-            .arg("--harma-repo")
-            .arg(repo)
-            .args(["--iters", if args.quick { "1" } else { "3" }])
-            .env("OMP_NUM_THREADS", threads.to_string())
-            .output()
-            .with_context(|| format!("cannot run {}", py.display()))?;
-        if !out.status.success() {
-            bail!(
-                "PyTorch training bench failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        torch_train =
-            serde_json::from_slice(&out.stdout).context("no JSON from the training bench")?;
+        let (bs, iters) = (b.to_string(), if args.quick { "1" } else { "3" });
+        let script_args = [
+            std::ffi::OsStr::new("--batch"),
+            bs.as_ref(),
+            "--harma-repo".as_ref(),
+            repo.as_os_str(),
+            "--iters".as_ref(),
+            iters.as_ref(),
+        ];
+        torch_train = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
         let tp = torch_train["pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         let tm = torch_train["peak_rss_gb"].as_f64().unwrap_or(f64::NAN);
         println!(

@@ -26,6 +26,64 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::R
     }
 }
 
+/// The attention probabilities of one (sequence, head): `p = softmax(scale q k^T)` ([l, l],
+/// row-major), masked above the diagonal when `causal`.
+///
+/// # Safety
+/// `q` and `k` must point to `l` rows of `hd` floats each, `d3` floats apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_probs(
+    p: &mut [f32],
+    q: *const f32,
+    k: *const f32,
+    l: usize,
+    hd: usize,
+    d3: usize,
+    scale: f32,
+    causal: bool,
+) {
+    // SAFETY: the caller guarantees the q and k views; p holds l * l floats.
+    unsafe {
+        gemm::gemm(
+            l,
+            l,
+            hd,
+            p.as_mut_ptr(),
+            1,
+            l as isize,
+            false,
+            q,
+            1,
+            d3 as isize,
+            k,
+            d3 as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for i in 0..l {
+        let row = &mut p[i * l..(i + 1) * l];
+        let valid = if causal { i + 1 } else { l };
+        let max = row[..valid]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row[..valid].iter_mut() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[..valid].iter_mut().for_each(|x| *x *= inv);
+        row[valid..].fill(0.0);
+    }
+}
+
 /// Multi-head self-attention from the packed in_proj output.
 /// Input `qkv` [b, l, 3 * d] (q | k | v, each `heads` x `head_dim`); output [b, l, d].
 pub struct Attention {
@@ -58,47 +116,7 @@ impl CustomOp1 for Attention {
                 let v = qkv[base + 2 * d + hi * hd..].as_ptr();
                 // SAFETY: the strides describe [l, hd] views inside `qkv` (rows 3d apart) and the
                 // [l, l] `scores` buffer; every (bi, hi) writes its own [l, hd] block of `out`.
-                unsafe {
-                    gemm::gemm(
-                        l,
-                        l,
-                        hd,
-                        scores.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        q,
-                        1,
-                        d3 as isize,
-                        k,
-                        d3 as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for i in 0..l {
-                    let row = &mut scores[i * l..(i + 1) * l];
-                    let valid = if causal { i + 1 } else { l };
-                    let max = row[..valid]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in row[..valid].iter_mut() {
-                        *x = fast_exp(*x - max);
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    for x in row[..valid].iter_mut() {
-                        *x *= inv;
-                    }
-                    row[valid..].fill(0.0);
-                }
+                unsafe { attention_probs(scores, q, k, l, hd, d3, scale, causal) };
                 let o = out_ptr;
                 unsafe {
                     gemm::gemm(
@@ -189,43 +207,7 @@ impl candle_core::CustomOp2 for AttentionBwd {
                     let dq_p = dq.0.add(base + hi * hd);
                     let dk_p = dq.0.add(base + d + hi * hd);
                     let dv_p = dq.0.add(base + 2 * d + hi * hd);
-                    gemm::gemm(
-                        l,
-                        l,
-                        hd,
-                        p.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        q,
-                        1,
-                        d3 as isize,
-                        k,
-                        d3 as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                    for i in 0..l {
-                        let row = &mut p[i * l..(i + 1) * l];
-                        let valid = if causal { i + 1 } else { l };
-                        let max = row[..valid]
-                            .iter()
-                            .copied()
-                            .fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in row[..valid].iter_mut() {
-                            *x = fast_exp(*x - max);
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        row[..valid].iter_mut().for_each(|x| *x *= inv);
-                        row[valid..].fill(0.0);
-                    }
+                    attention_probs(p, q, k, l, hd, d3, scale, causal);
                     // dV = P^T dO  [l, hd]
                     gemm::gemm(
                         l,
