@@ -4,3 +4,4 @@ pub mod cli;
 pub mod embed;
 pub mod optim;
 pub mod output;
+pub mod schedule;

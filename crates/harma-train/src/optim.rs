@@ -47,6 +47,25 @@ struct Param {
     v: Tensor,
 }
 
+/// Write the trained tensors to `path` (safetensors, atomically) under the original's names:
+/// `model.` + the open_clip key for adapters and gates, `temp` as is, so PyTorch HarMA can
+/// `load_state_dict(..., strict=False)` them and `harma --adapters` reads them back.
+pub fn save_trained(path: &std::path::Path, vars: &[(String, Var)]) -> Result<()> {
+    let named: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| {
+            let key = if n == "temp" {
+                n.clone()
+            } else {
+                format!("model.{n}")
+            };
+            (key, v.as_tensor().clone())
+        })
+        .collect();
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    crate::output::write_safetensors(path, &refs, Default::default())
+}
+
 /// The optimiser over named trainable tensors.
 pub struct AdamW {
     cfg: AdamWConfig,

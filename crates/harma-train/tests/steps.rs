@@ -56,3 +56,73 @@ fn three_steps_follow_the_original() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures");
+    let cfg = ClipConfig::preset(dir.join("config.json").to_str().unwrap())?;
+    let ckpt = Checkpoint::load(&dir.join("harma.pth"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let acfg = AdapterConfig::default();
+    let (adapters, vars) =
+        HarmaAdapters::trainable(ckpt.adapters.clone(), &cfg, &acfg, &Device::Cpu)?;
+    let batch = candle_core::safetensors::load(dir.join("grads.safetensors"), &Device::Cpu)?;
+    let ids = batch["ids"].to_dtype(DType::U32)?;
+    let image_ids: Vec<i64> = batch["image_ids"].to_vec1()?;
+    // one update so the saved tensors differ from the fixture's
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    let img = model.encode_image(&batch["pixels"], Some(&adapters))?;
+    let txt = model.encode_text(&ids, Some(&adapters))?;
+    let loss = harma_loss(
+        &img,
+        &txt,
+        &adapters.temp,
+        &image_ids,
+        &LossConfig::default(),
+    )?;
+    opt.step(&loss.total.backward()?, 1e-3)?;
+    let before = model.encode_text(&ids, Some(&adapters))?;
+
+    let out = std::env::temp_dir().join(format!("harma-rt-{}", std::process::id()));
+    let path = out.join("adapters.safetensors");
+    harma_train::optim::save_trained(&path, &vars)?;
+    // the original's names: `model.` + open_clip key, and `temp`
+    let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    assert_eq!(saved.len(), 59);
+    assert!(saved.contains_key("temp"));
+    assert!(saved.contains_key("model.transformer.resblocks.0.mmadapter.BiShareAdapterxx.gate1"));
+    assert!(saved.contains_key("model.visual.transformer.resblocks.1.gate1"));
+    let reloaded = HarmaAdapters::from_tensors(
+        harma_clip::checkpoint::load_adapters(&path)?,
+        &cfg,
+        &acfg,
+        &Device::Cpu,
+    )?;
+    let after = model.encode_text(&ids, Some(&reloaded))?;
+    let diff = (&before - &after)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0, "reloaded adapters give other embeddings");
+    let original = model.encode_text(
+        &ids,
+        Some(&HarmaAdapters::from_tensors(
+            ckpt.adapters,
+            &cfg,
+            &acfg,
+            &Device::Cpu,
+        )?),
+    )?;
+    assert!(
+        (&before - &original)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?
+            > 1e-4,
+        "the update changed nothing"
+    );
+    std::fs::remove_dir_all(out).ok();
+    Ok(())
+}
