@@ -26,6 +26,43 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::R
     }
 }
 
+/// A strided view: (pointer, row stride, column stride), in floats.
+type View = (*const f32, isize, isize);
+
+/// `dst = scale * a @ b` for small matrices, single-threaded (the callers run in parallel):
+/// `dims` = [m, n, k]; `dst` = (pointer, row stride) of an [m, n] row-major output; `a` [m, k]
+/// and `b` [k, n] are strided views.
+///
+/// # Safety
+/// Every view must lie inside its buffer for the given dims and strides.
+unsafe fn small_gemm(dims: [usize; 3], dst: (*mut f32, isize), a: View, b: View, scale: f32) {
+    let [m, n, k] = dims;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1,
+            false,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// The attention probabilities of one (sequence, head): `p = softmax(scale q k^T)` ([l, l],
 /// row-major), masked above the diagonal when `causal`.
 ///
@@ -44,26 +81,12 @@ unsafe fn attention_probs(
 ) {
     // SAFETY: the caller guarantees the q and k views; p holds l * l floats.
     unsafe {
-        gemm::gemm(
-            l,
-            l,
-            hd,
-            p.as_mut_ptr(),
-            1,
-            l as isize,
-            false,
-            q,
-            1,
-            d3 as isize,
-            k,
-            d3 as isize,
-            1,
-            0.0,
+        small_gemm(
+            [l, l, hd],
+            (p.as_mut_ptr(), l as isize),
+            (q, d3 as isize, 1),
+            (k, 1, d3 as isize),
             scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
         );
     }
     for i in 0..l {
@@ -119,26 +142,12 @@ impl CustomOp1 for Attention {
                 unsafe { attention_probs(scores, q, k, l, hd, d3, scale, causal) };
                 let o = out_ptr;
                 unsafe {
-                    gemm::gemm(
-                        l,
-                        hd,
-                        l,
-                        o.0.add(bi * l * d + hi * hd),
-                        1,
-                        d as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        l as isize,
-                        v,
-                        1,
-                        d3 as isize,
-                        0.0,
+                    small_gemm(
+                        [l, hd, l],
+                        (o.0.add(bi * l * d + hi * hd), d as isize),
+                        (scores.as_ptr(), l as isize, 1),
+                        (v, d3 as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },
@@ -209,48 +218,20 @@ impl candle_core::CustomOp2 for AttentionBwd {
                     let dv_p = dq.0.add(base + 2 * d + hi * hd);
                     attention_probs(p, q, k, l, hd, d3, scale, causal);
                     // dV = P^T dO  [l, hd]
-                    gemm::gemm(
-                        l,
-                        hd,
-                        l,
-                        dv_p,
-                        1,
-                        d3 as isize,
-                        false,
-                        p.as_ptr(),
-                        l as isize,
-                        1,
-                        go,
-                        1,
-                        d as isize,
-                        0.0,
+                    small_gemm(
+                        [l, hd, l],
+                        (dv_p, d3 as isize),
+                        (p.as_ptr(), 1, l as isize),
+                        (go, d as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     // dP = dO V^T  [l, l]
-                    gemm::gemm(
-                        l,
-                        l,
-                        hd,
-                        dp.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        go,
-                        1,
-                        d as isize,
-                        v,
-                        d3 as isize,
-                        1,
-                        0.0,
+                    small_gemm(
+                        [l, l, hd],
+                        (dp.as_mut_ptr(), l as isize),
+                        (go, d as isize, 1),
+                        (v, 1, d3 as isize),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     // dS = P * (dP - rowsum(dP * P)), scaled for q k^T
                     for i in 0..l {
@@ -262,47 +243,19 @@ impl candle_core::CustomOp2 for AttentionBwd {
                         }
                     }
                     // dQ = dS K, dK = dS^T Q
-                    gemm::gemm(
-                        l,
-                        hd,
-                        l,
-                        dq_p,
-                        1,
-                        d3 as isize,
-                        false,
-                        dp.as_ptr(),
-                        1,
-                        l as isize,
-                        k,
-                        1,
-                        d3 as isize,
-                        0.0,
+                    small_gemm(
+                        [l, hd, l],
+                        (dq_p, d3 as isize),
+                        (dp.as_ptr(), l as isize, 1),
+                        (k, d3 as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
-                    gemm::gemm(
-                        l,
-                        hd,
-                        l,
-                        dk_p,
-                        1,
-                        d3 as isize,
-                        false,
-                        dp.as_ptr(),
-                        l as isize,
-                        1,
-                        q,
-                        1,
-                        d3 as isize,
-                        0.0,
+                    small_gemm(
+                        [l, hd, l],
+                        (dk_p, d3 as isize),
+                        (dp.as_ptr(), 1, l as isize),
+                        (q, d3 as isize, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },
