@@ -108,11 +108,8 @@ pub fn expected_shapes(clip: &ClipConfig, cfg: &AdapterConfig) -> BTreeMap<Strin
             linear_shapes(&mut m, &format!("{a}.img_proj_up"), width, h);
             mha_shapes(&mut m, &format!("{a}.multihead_attention"), h);
             m.insert(format!("{a}.gate1"), vec![]);
-            let owns_share = match cfg.sharing {
-                Sharing::Text | Sharing::Both => tower == Tower::Text,
-                Sharing::None => false,
-            };
-            if owns_share {
+            // a shared mini-adapter is stored once, under the text block that owns it
+            if tower == Tower::Text && has_share(cfg.sharing, tower) {
                 let s = format!("{a}.BiShareAdapterxx");
                 linear_shapes(&mut m, &format!("{s}.l1"), h / 2, h);
                 linear_shapes(&mut m, &format!("{s}.l2"), h, h / 2);

@@ -375,6 +375,15 @@ impl candle_core::CustomOp2 for QuickGeluBwd {
     }
 }
 
+/// Mean and 1 / sqrt(variance + eps) of one row (two passes, for accuracy on the residual
+/// stream's large values).
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// (x, w, dy) -> dx of layer norm over the last dimension, one pass per row:
 /// `dx = inv * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * w`.
 struct LayerNormBwd {
@@ -404,9 +413,7 @@ impl candle_core::CustomOp3 for LayerNormBwd {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (x, g))| {
-                let mean = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let inv = 1.0 / (var + eps).sqrt();
+                let (mean, inv) = row_stats(x, eps);
                 let (mut mg, mut mgx) = (0f32, 0f32);
                 for i in 0..d {
                     let gi = g[i] * w[i];
@@ -537,9 +544,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
         let mut y = vec![0f32; x.len()];
         let eps = self.eps;
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let mean = x.iter().sum::<f32>() / d as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let inv = 1.0 / (var + eps).sqrt();
+            let (mean, inv) = row_stats(x, eps);
             for i in 0..d {
                 y[i] = (x[i] - mean) * inv * w[i] + b[i];
             }

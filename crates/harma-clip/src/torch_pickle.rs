@@ -260,11 +260,9 @@ impl<'a> Unpickler<'a> {
                     self.push(Node::Int(v))
                 }
                 b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    {
-                        let _ = v;
-                        self.push(Node::Float)
-                    }
+                    // floats (configs, hyper-parameters) never hold tensors: skip the value
+                    self.take(8)?;
+                    self.push(Node::Float)
                 }
                 b'I' | b'L' => {
                     let s = self.line()?;
@@ -278,11 +276,9 @@ impl<'a> Unpickler<'a> {
                 }
                 b'F' => {
                     let s = self.line()?;
-                    let v: f64 = s.parse().map_err(|_| self.err("bad FLOAT literal"))?;
-                    {
-                        let _ = v;
-                        self.push(Node::Float)
-                    }
+                    s.parse::<f64>()
+                        .map_err(|_| self.err("bad FLOAT literal"))?;
+                    self.push(Node::Float)
                 }
                 b'c' => {
                     let module = self.line()?;
