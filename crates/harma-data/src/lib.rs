@@ -2,8 +2,10 @@
 //! torchvision so embeddings equal the PyTorch pipeline's), and caption cleaning.
 
 pub mod annotations;
+pub mod augment;
 pub mod caption;
 pub mod image;
+pub mod rng;
 
 pub use crate::caption::clean_caption;
 pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD};
