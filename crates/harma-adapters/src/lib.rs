@@ -122,6 +122,52 @@ pub fn expected_shapes(clip: &ClipConfig, cfg: &AdapterConfig) -> BTreeMap<Strin
     m
 }
 
+/// Fresh trainable tensors, initialised as PyTorch builds HarMA's modules: linear layers
+/// uniform in +-1/sqrt(fan_in) (weights and biases, `nn.Linear`'s default), attention input
+/// projections Xavier-uniform with zero biases and output projections `nn.Linear`-uniform with
+/// zero bias (`nn.MultiheadAttention`), the up projections (`img_proj_up`, `l2`) zero so a fresh
+/// model equals its backbone, every gate 0.6 and `temp` 0.07. `uniform` draws from [0, 1).
+pub fn init_tensors(
+    clip: &ClipConfig,
+    cfg: &AdapterConfig,
+    uniform: &mut dyn FnMut() -> f64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let shapes = expected_shapes(clip, cfg);
+    let mut out = HashMap::with_capacity(shapes.len());
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        let constant = |v: f32| vec![v; n];
+        let mut draw = |bound: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((2.0 * uniform() - 1.0) * bound) as f32)
+                .collect()
+        };
+        let values = if name == "temp" {
+            constant(0.07)
+        } else if name.ends_with("gate1") {
+            constant(0.6)
+        } else if name.contains("img_proj_up.") || name.contains(".l2.") {
+            constant(0.0)
+        } else if name.ends_with("in_proj_weight") {
+            // Xavier: fan_in d, fan_out 3d
+            draw((6.0 / (shape[0] + shape[1]) as f64).sqrt())
+        } else if name.ends_with("in_proj_bias") || name.ends_with("out_proj.bias") {
+            constant(0.0)
+        } else {
+            // nn.Linear: kaiming_uniform(a = sqrt 5) = U(+-1/sqrt(fan_in)), bias alike
+            let weight = name.replace(".bias", ".weight");
+            let fan_in = shapes.get(&weight).map_or(shape[0], |w| w[1]);
+            draw(1.0 / (fan_in as f64).sqrt())
+        };
+        out.insert(
+            name.clone(),
+            Tensor::from_vec(values, shape.clone(), device)?,
+        );
+    }
+    Ok(out)
+}
+
 // Adapter layers read their tensors at every forward (`Linear::trained`, gates through
 // `sigmoid` in `forward`), so optimiser updates to the variables take effect.
 

@@ -186,3 +186,95 @@ fn gradients_of_every_trainable_tensor_match_the_original() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn fresh_adapters_are_initialised_as_the_original() -> Result<()> {
+    // fixtures/make_init.py: statistics of the original's freshly built ViT-B/32 adapters
+    let want: HashMap<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("init.json"))?)?;
+    let mut rng = harma_data::rng::Rng::new(3407);
+    let ours = harma_adapters::init_tensors(
+        &ClipConfig::vit_b32(),
+        &AdapterConfig::default(),
+        &mut || rng.uniform(),
+        &Device::Cpu,
+    )?;
+    assert_eq!(ours.len(), 349);
+    assert!((ours["temp"].to_scalar::<f32>()? - 0.07).abs() < 1e-9);
+    for (name, w) in &want {
+        let t: Vec<f64> = ours[name]
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let n = t.len() as f64;
+        assert_eq!(t.len() as u64, w["numel"].as_u64().unwrap(), "{name}");
+        let (wmin, wmax, wstd) = (
+            w["min"].as_f64().unwrap(),
+            w["max"].as_f64().unwrap(),
+            w["std"].as_f64().unwrap(),
+        );
+        let (min, max) = t
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        if wstd == 0.0 {
+            assert!(
+                min == max && (min - wmin).abs() < 1e-7,
+                "{name}: {min}..{max}"
+            );
+            continue;
+        }
+        let mean = t.iter().sum::<f64>() / n;
+        let std = (t.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        // same uniform distribution: the spread agrees to sampling error, and so do the
+        // extremes, which sit at the bound for large tensors
+        let tol = 4.0 / n.sqrt() + 0.01;
+        assert!(
+            (std / wstd - 1.0).abs() < tol,
+            "{name}: std {std} vs {wstd}"
+        );
+        let bound = wmax.max(-wmin);
+        assert!(
+            max.max(-min) <= bound * (1.0 + 6.0 / n) + 1e-9,
+            "{name}: exceeds {bound}"
+        );
+        if n >= 1000.0 {
+            assert!(
+                max.max(-min) > bound * 0.99,
+                "{name}: {min}..{max} vs {bound}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_fresh_model_equals_its_backbone() -> Result<()> {
+    // the up projections start at zero, so the adapters pass the MLP output through
+    let cfg = config();
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let mut rng = harma_data::rng::Rng::new(1);
+    let fresh = harma_adapters::init_tensors(
+        &cfg,
+        &AdapterConfig::default(),
+        &mut || rng.uniform(),
+        &Device::Cpu,
+    )?;
+    let adapters =
+        HarmaAdapters::from_tensors(fresh, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+    let want =
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+    let ids = want["ids"].to_dtype(DType::U32)?;
+    let e_img = max_abs_diff(
+        &model.encode_image(&want["pixels"], Some(&adapters))?,
+        &model.encode_image(&want["pixels"], None)?,
+    )?;
+    let e_txt = max_abs_diff(
+        &model.encode_text(&ids, Some(&adapters))?,
+        &model.encode_text(&ids, None)?,
+    )?;
+    assert!(e_img < 1e-6 && e_txt < 1e-6, "{e_img} {e_txt}");
+    Ok(())
+}
