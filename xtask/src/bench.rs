@@ -33,17 +33,8 @@ pub struct Args {
 
 /// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
 fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
-    let mut map = HashMap::new();
-    for (name, shape) in harma_clip::checkpoint::expected_shapes(cfg) {
-        let t = if name.contains("ln_") && name.ends_with("weight") {
-            Tensor::ones(shape, DType::F32, device)?
-        } else if name.contains("ln_") || name.ends_with("bias") {
-            Tensor::zeros(shape, DType::F32, device)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape, device)?
-        };
-        map.insert(name, t);
-    }
+    let mut rng = harma_data::rng::Rng::new(0);
+    let map = harma_clip::checkpoint::random_backbone(cfg, &mut || rng.uniform(), device)?;
     Ok(Clip::new(
         VarBuilder::from_tensors(map, DType::F32, device),
         cfg,

@@ -74,6 +74,35 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
+/// Random backbone weights in open_clip's layout, like a freshly initialised model: normal with
+/// std 0.02, layer norms 1 and 0, biases 0. `uniform` draws from [0, 1) (a seeded source makes
+/// the model repeatable).
+pub fn random_backbone(
+    cfg: &ClipConfig,
+    uniform: &mut dyn FnMut() -> f64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut map = HashMap::new();
+    for (name, shape) in expected_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.contains("ln_") && name.ends_with("weight") {
+            vec![1.0; n]
+        } else if name.contains("ln_") || name.ends_with("bias") {
+            vec![0.0; n]
+        } else {
+            // Box-Muller
+            (0..n)
+                .map(|_| {
+                    let (u1, u2) = (1.0 - uniform(), uniform());
+                    (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect()
+        };
+        map.insert(name, Tensor::from_vec(values, shape, device)?);
+    }
+    Ok(map)
+}
+
 /// The shape of every backbone tensor that `cfg` expects, under open_clip's names.
 pub fn expected_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
     let mut m = BTreeMap::new();

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::embed;
+use crate::{embed, train};
 
 /// harma: HarMA remote-sensing image-text retrieval (CLIP ViT-B/32 + adapters) on Candle.
 #[derive(Debug, Parser)]
@@ -28,16 +28,31 @@ pub enum Command {
     ///
     /// harma embed --model harma_rsitmd_georsclip_mr523.pth --captions queries.txt --out q.safetensors
     Embed(embed::Args),
+    /// Train HarMA's adapters (the backbone stays frozen) on image-caption pairs.
+    ///
+    /// Writes OUT/config.toml (every resolved setting), OUT/log.jsonl (step, lr, loss,
+    /// loss_contrastive, loss_triplet, temp per step) and, at the end of each epoch (or every
+    /// --save-every steps) and of the run, OUT/adapters.safetensors (the trained tensors under
+    /// the original's names: `harma embed --adapters` and PyTorch HarMA's
+    /// load_state_dict(strict=False) read it) and OUT/resume.safetensors. Ctrl-C finishes the
+    /// step, saves, and exits; `--resume OUT` continues exactly where it stopped. A NaN or
+    /// infinite loss stops training and keeps the last good checkpoint.
+    ///
+    /// Example (RSITMD from GeoRSCLIP, the original's settings but one GPU's batch):
+    ///
+    /// harma train --train-json rsitmd_train.json --image-root rsitmd/images --init RS5M_ViT-B-32_RET-2.pt --batch-size 214 --epochs 80 --lr 4e-6 --out runs/rsitmd
+    Train(Box<train::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Embed(args)) => embed::run(&args),
+        Some(Command::Train(args)) => train::run(&args),
         None => {
             use clap::CommandFactory;
             Cli::command().print_long_help()?;
             println!(
-                "\nTraining and the offline demo are not built yet; `harma embed` works today."
+                "\nThe offline demo is not built yet; `harma embed` and `harma train` work today."
             );
             Ok(())
         }

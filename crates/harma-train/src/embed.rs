@@ -44,7 +44,10 @@ pub struct Args {
     pub batch_size: u64,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SharingArg {
     Text,
     Both,
@@ -61,7 +64,22 @@ impl From<SharingArg> for Sharing {
     }
 }
 
-/// The adapters to apply: from `--adapters`, else those inside the model checkpoint, else none.
+/// The adapter tensors to use and where they come from: `--adapters`, else those inside the
+/// model checkpoint (an official HarMA checkpoint), else none.
+pub fn adapter_tensors(
+    explicit: Option<&Path>,
+    ckpt: &mut Checkpoint,
+) -> Result<Option<(HashMap<String, Tensor>, PathBuf)>> {
+    Ok(match explicit {
+        Some(p) => Some((harma_clip::checkpoint::load_adapters(p)?, p.to_path_buf())),
+        None if !ckpt.adapters.is_empty() => {
+            Some((std::mem::take(&mut ckpt.adapters), ckpt.path.clone()))
+        }
+        None => None,
+    })
+}
+
+/// The adapters to apply (see [`adapter_tensors`]), checked against the model.
 pub fn resolve_adapters(
     explicit: Option<&Path>,
     ckpt: &mut Checkpoint,
@@ -69,12 +87,8 @@ pub fn resolve_adapters(
     sharing: Sharing,
     device: &Device,
 ) -> Result<Option<HarmaAdapters>> {
-    let (tensors, source) = match explicit {
-        Some(p) => (harma_clip::checkpoint::load_adapters(p)?, p.to_path_buf()),
-        None if !ckpt.adapters.is_empty() => {
-            (std::mem::take(&mut ckpt.adapters), ckpt.path.clone())
-        }
-        None => return Ok(None),
+    let Some((tensors, source)) = adapter_tensors(explicit, ckpt)? else {
+        return Ok(None);
     };
     let acfg = AdapterConfig {
         sharing,
@@ -148,33 +162,41 @@ pub fn embed_images(
     let size = model.config.vision.image_size;
     let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
     let mut outs = Vec::with_capacity(chunks.len());
-    std::thread::scope(|s| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<f32>)>>(1);
-        s.spawn(move || {
-            for chunk in &chunks {
-                use rayon::prelude::*;
-                let pixels: std::result::Result<Vec<Vec<f32>>, _> = chunk
-                    .par_iter()
-                    .map(|p| harma_data::preprocess_eval(p, size))
-                    .collect();
-                let msg = pixels
-                    .map(|v| (chunk.len(), v.concat()))
-                    .map_err(anyhow::Error::from);
-                let failed = msg.is_err();
-                if tx.send(msg).is_err() || failed {
-                    break;
-                }
-            }
-        });
-        for msg in rx {
-            let (n, pixels) = msg?;
+    crate::pipeline::prefetch(
+        0..chunks.len(),
+        1,
+        |i| {
+            use rayon::prelude::*;
+            let pixels = chunks[i]
+                .par_iter()
+                .map(|p| harma_data::preprocess_eval(p, size))
+                .collect::<std::result::Result<Vec<Vec<f32>>, _>>()?;
+            Ok(pixels.concat())
+        },
+        |i, pixels| {
+            let n = chunks[i].len();
             let x = Tensor::from_vec(pixels, (n, 3, size, size), device)?;
             outs.push(model.encode_image(&x, hook)?);
             pb.inc(n as u64);
-        }
-        Ok(())
-    })?;
+            Ok(true)
+        },
+    )?;
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Token ids must index the model's token embedding: a model with a smaller vocabulary than
+/// the CLIP tokenizer's (49,408) cannot read real captions.
+pub fn check_vocab(ids: &[u32], cfg: &ClipConfig) -> Result<()> {
+    if let Some(&max) = ids.iter().max() {
+        if max as usize >= cfg.text.vocab_size {
+            bail!(
+                "the captions use token id {max}, but the model's vocabulary has {} tokens \
+                 (the CLIP tokenizer needs 49408): is --arch right for this checkpoint?",
+                cfg.text.vocab_size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Embed captions in batches.
@@ -191,6 +213,7 @@ pub fn embed_captions(
     let mut outs = Vec::new();
     for chunk in captions.chunks(batch) {
         let ids = tokenizer.encode_batch(chunk)?;
+        check_vocab(&ids, &model.config)?;
         let ids = Tensor::from_vec(ids, (chunk.len(), ctx), device)?;
         outs.push(model.encode_text(&ids, hook)?);
         pb.inc(chunk.len() as u64);

@@ -51,6 +51,15 @@ struct Param {
 /// `model.` + the open_clip key for adapters and gates, `temp` as is, so PyTorch HarMA can
 /// `load_state_dict(..., strict=False)` them and `harma --adapters` reads them back.
 pub fn save_trained(path: &std::path::Path, vars: &[(String, Var)]) -> Result<()> {
+    save_trained_with(path, vars, Default::default())
+}
+
+/// [`save_trained`] with string metadata in the file's header.
+pub fn save_trained_with(
+    path: &std::path::Path,
+    vars: &[(String, Var)],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<()> {
     let named: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(n, v)| {
@@ -63,7 +72,7 @@ pub fn save_trained(path: &std::path::Path, vars: &[(String, Var)]) -> Result<()
         })
         .collect();
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::output::write_safetensors(path, &refs, Default::default())
+    crate::output::write_safetensors(path, &refs, metadata)
 }
 
 /// The optimiser over named trainable tensors.
@@ -93,6 +102,37 @@ impl AdamW {
             params,
             step: 0,
         })
+    }
+
+    /// The moment estimates by parameter name: `(name, m, v)`.
+    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.m, &p.v))
+    }
+
+    /// Restore the state saved from [`AdamW::moments`] after `step` updates; every parameter
+    /// must be present with its shape.
+    pub fn restore(
+        &mut self,
+        step: usize,
+        moments: &std::collections::HashMap<String, (Tensor, Tensor)>,
+    ) -> Result<()> {
+        for p in &mut self.params {
+            let (m, v) = moments
+                .get(&p.name)
+                .ok_or_else(|| anyhow::anyhow!("no optimiser state for `{}`", p.name))?;
+            if m.dims() != p.m.dims() || v.dims() != p.v.dims() {
+                anyhow::bail!(
+                    "optimiser state for `{}` has shape {:?}, the parameter {:?}",
+                    p.name,
+                    m.dims(),
+                    p.m.dims()
+                );
+            }
+            p.m = m.to_device(p.m.device())?;
+            p.v = v.to_device(p.v.device())?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm

@@ -1,0 +1,545 @@
+//! `harma train`: HarMA's adapters trained on image-caption pairs.
+//!
+//! A run writes into its folder `config.toml` (every resolved setting), `log.jsonl` (one line
+//! per step), and at each save point `adapters.safetensors` (the trained tensors under the
+//! original's names) and `resume.safetensors` (those plus AdamW's moments and the step). All
+//! randomness (shuffling, augmentation, fresh adapters) is drawn from streams derived from the
+//! seed and the position in the run, so the step number is the whole random state: a resumed
+//! run equals an uninterrupted one, bit for bit.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use harma_adapters::{AdapterConfig, HarmaAdapters};
+use harma_clip::{Checkpoint, Clip, ClipConfig, ClipTokenizer};
+use harma_data::annotations::{load_train_json, LoadOptions, PairSet};
+use harma_data::augment::TrainTransform;
+use harma_data::rng::Rng;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::{AdamWKind, AugmentKind, ScheduleKind, TrainConfig};
+use crate::optim::{AdamW, AdamWConfig, AdamWVariant};
+use crate::schedule::Schedule;
+
+pub use crate::config::Args;
+
+const RESUME_FORMAT: &str = "harma-rs-resume-1";
+/// Stream labels under the seed (see [`Rng::derive`]).
+const STREAM_SHUFFLE: u64 = 1;
+const STREAM_AUGMENT: u64 = 2;
+const STREAM_INIT: u64 = 3;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Finished {
+        steps: usize,
+    },
+    /// stopped on request (Ctrl-C) after `step`, with a resume checkpoint
+    Stopped {
+        step: usize,
+    },
+}
+
+/// Requests from outside the loop.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// set (by Ctrl-C) to finish the current step, save and return
+    pub stop: Arc<AtomicBool>,
+    /// stop after this many steps in total, as if stopped (tests of resuming)
+    pub stop_after: Option<usize>,
+}
+
+/// Which pairs make up step `k` and how each is augmented.
+pub struct Plan {
+    pub n_pairs: usize,
+    pub batch: usize,
+    pub steps_per_epoch: usize,
+    pub total: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+}
+
+impl Plan {
+    pub fn new(cfg: &TrainConfig, n_pairs: usize) -> Result<Self> {
+        let steps_per_epoch = n_pairs / cfg.batch_size;
+        if steps_per_epoch == 0 {
+            bail!(
+                "--batch-size {} is larger than the {n_pairs} training pairs",
+                cfg.batch_size
+            );
+        }
+        let total = match (cfg.steps, cfg.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * steps_per_epoch,
+            (None, None) => unreachable!("validated"),
+        };
+        Ok(Self {
+            n_pairs,
+            batch: cfg.batch_size,
+            steps_per_epoch,
+            total,
+            seed: cfg.seed,
+            shuffle: cfg.shuffle,
+        })
+    }
+
+    pub fn epoch(&self, step: usize) -> usize {
+        step / self.steps_per_epoch
+    }
+
+    /// The pair indices of step `k` (0-based) and, for each, its augmentation stream.
+    pub fn batch(&self, k: usize) -> Vec<(usize, Rng)> {
+        let epoch = self.epoch(k);
+        let mut order: Vec<usize> = (0..self.n_pairs).collect();
+        if self.shuffle {
+            Rng::derive(self.seed, &[STREAM_SHUFFLE, epoch as u64]).shuffle(&mut order);
+        }
+        let start = (k % self.steps_per_epoch) * self.batch;
+        (start..start + self.batch)
+            .map(|pos| {
+                let rng = Rng::derive(self.seed, &[STREAM_AUGMENT, epoch as u64, pos as u64]);
+                (order[pos], rng)
+            })
+            .collect()
+    }
+
+    /// Whether a checkpoint is written after `done` steps.
+    pub fn saves_after(&self, done: usize, save_every: usize) -> bool {
+        done == self.total
+            || if save_every > 0 {
+                done.is_multiple_of(save_every)
+            } else {
+                done.is_multiple_of(self.steps_per_epoch)
+            }
+    }
+}
+
+/// A prepared batch.
+struct Batch {
+    pixels: Vec<f32>,
+    ids: Vec<u32>,
+    image_ids: Vec<i64>,
+}
+
+fn progress(total: usize, start: usize) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} steps, eta {eta} | {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_position(start as u64);
+    pb
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+}
+
+/// The trained tensors and the optimiser, ready to step.
+struct State {
+    adapters: HarmaAdapters,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+}
+
+fn adamw_config(cfg: &TrainConfig) -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        variant: match cfg.adamw {
+            AdamWKind::Transformers => AdamWVariant::Transformers,
+            AdamWKind::Torch => AdamWVariant::Torch,
+        },
+        ..AdamWConfig::default()
+    }
+}
+
+/// Starting adapters: `--adapters`, else those in `--init`, else fresh (seeded).
+fn initial_state(
+    cfg: &TrainConfig,
+    ckpt: &mut Checkpoint,
+    clip: &ClipConfig,
+    acfg: &AdapterConfig,
+    device: &Device,
+) -> Result<State> {
+    let tensors = match crate::embed::adapter_tensors(cfg.adapters.as_deref(), ckpt)? {
+        Some((t, source)) => {
+            eprintln!("starting from the adapters in {}", source.display());
+            t
+        }
+        None => {
+            eprintln!("starting from fresh adapters (the model equals its backbone at step 0)");
+            let mut rng = Rng::derive(cfg.seed, &[STREAM_INIT]);
+            harma_adapters::init_tensors(clip, acfg, &mut || rng.uniform(), device)?
+        }
+    };
+    let (adapters, vars) = HarmaAdapters::trainable(tensors, clip, acfg, device)
+        .context("the starting adapters do not fit the model")?;
+    let opt = AdamW::new(vars.clone(), adamw_config(cfg))?;
+    Ok(State {
+        adapters,
+        vars,
+        opt,
+    })
+}
+
+fn resume_path(dir: &Path) -> PathBuf {
+    dir.join("resume.safetensors")
+}
+
+/// Write `adapters.safetensors` and `resume.safetensors` after `step` steps. Refuses to write
+/// non-finite tensors, so the files on disk stay the last good state.
+fn save(dir: &Path, st: &State, step: usize, plan: &Plan, cfg: &TrainConfig) -> Result<()> {
+    for (name, v) in &st.vars {
+        let bad = v
+            .as_tensor()
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .any(|x| !x.is_finite());
+        if bad {
+            bail!("`{name}` holds NaN or infinite values after step {step}: not saved");
+        }
+    }
+    let mut meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("arch".to_string(), cfg.arch.clone()),
+        (
+            "sharing".to_string(),
+            toml::Value::try_from(cfg.sharing)?
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ),
+    ]);
+    crate::optim::save_trained_with(&dir.join("adapters.safetensors"), &st.vars, meta.clone())?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (name, v) in &st.vars {
+        named.push((format!("param/{name}"), v.as_tensor().clone()));
+    }
+    for (name, m, v) in st.opt.moments() {
+        named.push((format!("adam_m/{name}"), m.clone()));
+        named.push((format!("adam_v/{name}"), v.clone()));
+    }
+    meta.insert("format".into(), RESUME_FORMAT.into());
+    meta.insert("n_pairs".into(), plan.n_pairs.to_string());
+    meta.insert("adamw_step".into(), st.opt.step.to_string());
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    crate::output::write_safetensors(&resume_path(dir), &refs, meta)
+}
+
+/// Load a resume checkpoint into `st`; returns the step it was written after.
+fn restore(dir: &Path, st: &mut State, plan: &Plan) -> Result<usize> {
+    let path = resume_path(dir);
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {} (a run saves it at its first checkpoint)",
+            path.display()
+        )
+    })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| -> Result<String> {
+        meta.get(k)
+            .cloned()
+            .with_context(|| format!("{}: no `{k}` in its metadata", path.display()))
+    };
+    if get("format")? != RESUME_FORMAT {
+        bail!("{}: not a harma-rs resume checkpoint", path.display());
+    }
+    let n_pairs: usize = get("n_pairs")?.parse()?;
+    if n_pairs != plan.n_pairs {
+        bail!(
+            "{} was trained on {n_pairs} pairs, the annotations now give {}",
+            path.display(),
+            plan.n_pairs
+        );
+    }
+    let step: usize = get("step")?.parse()?;
+    let adamw_step: usize = get("adamw_step")?.parse()?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read its tensors", path.display()))?;
+    let mut moments = HashMap::new();
+    for (name, var) in &st.vars {
+        let mut take = |kind: &str| {
+            tensors
+                .remove(&format!("{kind}/{name}"))
+                .with_context(|| format!("{}: no `{kind}/{name}`", path.display()))
+        };
+        let p = take("param")?;
+        if p.dims() != var.dims() {
+            bail!(
+                "{}: `{name}` has shape {:?}, the model needs {:?}",
+                path.display(),
+                p.dims(),
+                var.dims()
+            );
+        }
+        var.set(&p.to_device(var.device())?)?;
+        moments.insert(name.clone(), (take("adam_m")?, take("adam_v")?));
+    }
+    st.opt
+        .restore(adamw_step, &moments)
+        .with_context(|| path.display().to_string())?;
+    Ok(step)
+}
+
+/// Keep the log lines of steps up to `step` (a resumed run rewrites what follows).
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn load_pairs(cfg: &TrainConfig) -> Result<PairSet> {
+    let opts = LoadOptions {
+        skip_bad: cfg.skip_bad,
+        max_words: cfg.max_words,
+        image_root: Some(cfg.image_root.clone()),
+    };
+    let set = load_train_json(&cfg.train_json, &opts)?;
+    if !set.skipped.is_empty() {
+        eprintln!(
+            "warning: skipped {} bad entries of {}, first: {}",
+            set.skipped.len(),
+            cfg.train_json.display(),
+            set.skipped[0]
+        );
+    }
+    Ok(set)
+}
+
+/// Train with resolved settings; `resume` continues the run in `cfg.out`.
+pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outcome> {
+    let dir = &cfg.out;
+    let log_path = dir.join("log.jsonl");
+    if !resume && (log_path.exists() || resume_path(dir).exists()) {
+        bail!(
+            "{} already holds a training run; continue it with `harma train --resume {}` or \
+             choose another --out",
+            dir.display(),
+            dir.display()
+        );
+    }
+    // inputs first: a bad annotation fails before the model loads
+    let pairs = load_pairs(cfg)?;
+    let plan = Plan::new(cfg, pairs.captions.len())?;
+    let clip = ClipConfig::preset(&cfg.arch)?;
+    let device = Device::Cpu;
+    let tokenizer = ClipTokenizer::new(clip.text.context_length)?;
+    let ctx = clip.text.context_length;
+    let ids = tokenizer.encode_batch(&pairs.captions)?;
+    crate::embed::check_vocab(&ids, &clip)?;
+
+    let mut ckpt = Checkpoint::load(&cfg.init, &clip)?;
+    let model = Clip::from_checkpoint(&ckpt, &clip, &device)?;
+    let acfg = AdapterConfig {
+        sharing: cfg.sharing.into(),
+        ..AdapterConfig::default()
+    };
+    let mut st = initial_state(cfg, &mut ckpt, &clip, &acfg, &device)?;
+    drop(ckpt);
+
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let start = if resume {
+        let step = restore(dir, &mut st, &plan)?;
+        truncate_log(&log_path, step)?;
+        eprintln!("resuming {} after step {step}", dir.display());
+        step
+    } else {
+        0
+    };
+    let config_tmp = dir.join(".config.toml.tmp");
+    std::fs::write(&config_tmp, cfg.to_toml()?)?;
+    std::fs::rename(&config_tmp, dir.join("config.toml"))?;
+    if start >= plan.total {
+        eprintln!(
+            "nothing to do: the run already has {start} of {} steps",
+            plan.total
+        );
+        return Ok(Outcome::Finished { steps: start });
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+
+    let size = clip.vision.image_size;
+    let transform = match cfg.augment {
+        AugmentKind::Harma => TrainTransform::harma(size),
+        AugmentKind::None => TrainTransform::none(size),
+    };
+    let schedule = match cfg.schedule {
+        ScheduleKind::Linear => Schedule::linear(plan.total, cfg.warmup),
+        ScheduleKind::Constant => Schedule::Constant,
+    };
+    let loss_cfg = cfg.loss();
+    eprintln!(
+        "training {} pairs ({} images), batch {}, {} steps ({} per epoch)",
+        plan.n_pairs,
+        pairs
+            .image_ids
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        plan.batch,
+        plan.total,
+        plan.steps_per_epoch
+    );
+    let pb = progress(plan.total, start);
+    let mut last_saved: Option<usize> = resume.then_some(start);
+    let mut outcome = Outcome::Finished { steps: plan.total };
+    let mut timer = std::time::Instant::now();
+
+    crate::pipeline::prefetch(
+        start..plan.total,
+        2,
+        |k| {
+            use rayon::prelude::*;
+            let items = plan.batch(k);
+            let pixels = items
+                .par_iter()
+                .map(|(i, rng)| -> Result<Vec<f32>> {
+                    let img = harma_data::load_rgb8(&cfg.image_root.join(&pairs.images[*i]))?;
+                    let out = transform.apply(&img, &mut rng.clone());
+                    Ok(harma_data::image::normalize_chw(&out))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Batch {
+                pixels: pixels.concat(),
+                ids: items
+                    .iter()
+                    .flat_map(|(i, _)| ids[i * ctx..(i + 1) * ctx].iter().copied())
+                    .collect(),
+                image_ids: items.iter().map(|(i, _)| pairs.image_ids[*i]).collect(),
+            })
+        },
+        |k, batch| {
+            let b = batch.image_ids.len();
+            let pixels = Tensor::from_vec(batch.pixels, (b, 3, size, size), &device)?;
+            let tokens = Tensor::from_vec(batch.ids, (b, ctx), &device)?;
+            let img = model.encode_image(&pixels, Some(&st.adapters))?;
+            let txt = model.encode_text(&tokens, Some(&st.adapters))?;
+            let temp = scalar(&st.adapters.temp)?;
+            let terms =
+                harma_loss::harma_loss(&img, &txt, &st.adapters.temp, &batch.image_ids, &loss_cfg)?;
+            let (loss, lc, lt) = (
+                scalar(&terms.total)?,
+                scalar(&terms.contrastive)?,
+                scalar(&terms.triplet)?,
+            );
+            if !loss.is_finite() {
+                pb.abandon();
+                let kept = match last_saved {
+                    Some(s) => format!(
+                        "the last good checkpoint, {}/adapters.safetensors after step {s}, \
+                         is kept; resume from it with --resume and a lower --lr",
+                        dir.display()
+                    ),
+                    None => "no checkpoint had been written yet".to_string(),
+                };
+                bail!(
+                    "step {}: the loss is {loss} (contrastive {lc}, triplet {lt}); training \
+                     stopped. {kept}",
+                    k + 1
+                );
+            }
+            let mut grads = terms.total.backward()?;
+            drop(terms);
+            let grad_norm = match cfg.max_grad_norm {
+                Some(m) => Some(st.opt.clip_grad_norm(&mut grads, m)?),
+                None => None,
+            };
+            let lr = schedule.lr(cfg.lr, k);
+            st.opt.step(&grads, lr)?;
+            drop(grads);
+            let done = k + 1;
+            let mut line = serde_json::json!({
+                "step": done,
+                "epoch": plan.epoch(k) + 1,
+                "lr": lr,
+                "loss": loss,
+                "loss_contrastive": lc,
+                "loss_triplet": lt,
+                "temp": temp,
+            });
+            if let Some(g) = grad_norm {
+                line["grad_norm"] = g.into();
+            }
+            writeln!(log, "{line}")?;
+            log.flush()?;
+
+            let secs = timer.elapsed().as_secs_f64();
+            timer = std::time::Instant::now();
+            pb.set_prefix(format!("epoch {}", plan.epoch(k) + 1));
+            pb.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.1} pairs/s",
+                b as f64 / secs
+            ));
+            pb.inc(1);
+
+            let stop = control.stop.load(Ordering::SeqCst)
+                || control.stop_after.is_some_and(|s| done >= s);
+            if stop || plan.saves_after(done, cfg.save_every) {
+                save(dir, &st, done, &plan, cfg)?;
+                last_saved = Some(done);
+            }
+            if stop && done < plan.total {
+                outcome = Outcome::Stopped { step: done };
+                return Ok(false);
+            }
+            Ok(true)
+        },
+    )?;
+    pb.finish();
+    match &outcome {
+        Outcome::Finished { steps } => eprintln!(
+            "finished {steps} steps: {}",
+            dir.join("adapters.safetensors").display()
+        ),
+        Outcome::Stopped { step } => eprintln!(
+            "stopped after step {step}; continue with `harma train --resume {}`",
+            dir.display()
+        ),
+    }
+    Ok(outcome)
+}
+
+/// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop.
+pub fn run(args: &Args) -> Result<()> {
+    let cfg = TrainConfig::resolve(args)?;
+    let control = Control::default();
+    let stop = control.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting now, without saving this step");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and saving (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    train(&cfg, args.resume.is_some(), &control)?;
+    Ok(())
+}

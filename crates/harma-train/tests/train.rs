@@ -1,0 +1,325 @@
+//! `harma train` on the tiny HarMA model (crates/harma-adapters/tests/fixtures) and a small
+//! generated image-caption set: resuming equals not stopping, a NaN loss stops with the last
+//! good checkpoint kept, a finished run is never overwritten, and the files the command
+//! promises are there with their fields.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use harma_train::config::{Args, TrainConfig};
+use harma_train::train::{train, Control, Outcome};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("harma-train-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [200, 30, 30]),
+    ("green", [30, 180, 40]),
+    ("blue", [20, 40, 210]),
+    ("yellow", [220, 210, 30]),
+    ("white", [240, 240, 240]),
+    ("dark", [30, 30, 30]),
+];
+
+/// Six 80x72 images (a coloured square on a striped ground) with two captions each.
+fn dataset(dir: &Path) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut entries = Vec::new();
+    for (id, (name, rgb)) in COLOURS.iter().enumerate() {
+        let img = image::RgbImage::from_fn(80, 72, |x, y| {
+            if (20..50).contains(&x) && (15..45).contains(&y) {
+                image::Rgb(*rgb)
+            } else if (x / 8 + y / 8 + id as u32).is_multiple_of(2) {
+                image::Rgb([90, 120, 60])
+            } else {
+                image::Rgb([140, 130, 100])
+            }
+        });
+        let file = format!("{name}.png");
+        img.save(images.join(&file)).unwrap();
+        for caption in [
+            format!("A {name} building stands in a field."),
+            format!("There is a {name} square near the stripes"),
+        ] {
+            entries.push(serde_json::json!({"caption": caption, "image": file, "image_id": id}));
+        }
+    }
+    let json = dir.join("train.json");
+    std::fs::write(&json, serde_json::to_string(&entries).unwrap()).unwrap();
+    json
+}
+
+/// The tiny fixture model's sizes with CLIP's full vocabulary (real captions), random
+/// backbone weights (seeded) written to `dir`; returns (checkpoint, config).
+fn tiny_model(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("config.json")).unwrap())
+            .unwrap();
+    cfg["text"]["vocab_size"] = 49408.into();
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let clip = harma_clip::ClipConfig::preset(cfg_path.to_str().unwrap()).unwrap();
+    let mut rng = harma_data::rng::Rng::new(5);
+    let weights = harma_clip::checkpoint::random_backbone(
+        &clip,
+        &mut || rng.uniform(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let model = dir.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &model).unwrap();
+    (model, cfg_path)
+}
+
+/// Settings for a 5-step run into `dir/out`, starting from the fixture's (non-zero) adapters.
+fn args(dir: &Path, out: &str) -> Args {
+    let (model, config) = tiny_model(dir);
+    Args {
+        train_json: Some(dataset(dir)),
+        image_root: Some(dir.join("images")),
+        init: Some(model),
+        arch: Some(config.display().to_string()),
+        adapters: Some(fixtures().join("adapters.safetensors")),
+        batch_size: Some(4),
+        steps: Some(5),
+        lr: Some(1e-3),
+        out: Some(dir.join(out)),
+        ..Args::default()
+    }
+}
+
+fn log(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A safetensors file's metadata and tensors (name, shape, bytes), in name order.
+type Contents = (
+    std::collections::BTreeMap<String, String>,
+    Vec<(String, Vec<usize>, Vec<u8>)>,
+);
+
+fn contents(path: &Path) -> Contents {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    tensors.sort();
+    (meta, tensors)
+}
+
+#[test]
+fn resuming_equals_not_stopping() -> Result<()> {
+    let dir = temp_dir("resume");
+    // 12 pairs, batch 4: 3 steps per epoch, so the run crosses an epoch (a new shuffle)
+    let a = TrainConfig::resolve(&args(&dir, "a"))?;
+    assert_eq!(
+        train(&a, false, &Control::default())?,
+        Outcome::Finished { steps: 5 }
+    );
+
+    let b = TrainConfig::resolve(&args(&dir, "b"))?;
+    let stop = Control {
+        stop_after: Some(2),
+        ..Control::default()
+    };
+    assert_eq!(train(&b, false, &stop)?, Outcome::Stopped { step: 2 });
+    assert_eq!(log(&b.out).len(), 2);
+    let resumed = TrainConfig::resolve(&Args {
+        resume: Some(b.out.clone()),
+        ..Args::default()
+    })?;
+    assert_eq!(resumed, b, "the resumed run reads its own settings");
+    assert_eq!(
+        train(&resumed, true, &Control::default())?,
+        Outcome::Finished { steps: 5 }
+    );
+
+    let (la, lb) = (log(&a.out), log(&b.out));
+    assert_eq!(la.len(), 5);
+    assert_eq!(la, lb, "logs differ");
+    let steps: Vec<u64> = la.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+    // warm-up 10% of 5 steps rounds to 0: linear decay from the first step
+    assert_eq!(la[0]["lr"].as_f64().unwrap(), 1e-3);
+    assert!((la[4]["lr"].as_f64().unwrap() - 1e-3 / 5.0).abs() < 1e-12);
+    for l in &la {
+        let (c, t) = (
+            l["loss_contrastive"].as_f64().unwrap(),
+            l["loss_triplet"].as_f64().unwrap(),
+        );
+        assert!((l["loss"].as_f64().unwrap() - (c + t)).abs() < 1e-5);
+        assert!(l["temp"].as_f64().unwrap() > 0.0);
+    }
+    for file in ["adapters.safetensors", "resume.safetensors"] {
+        assert_eq!(
+            contents(&a.out.join(file)),
+            contents(&b.out.join(file)),
+            "{file} differs"
+        );
+    }
+    // the trained adapters moved away from the starting ones
+    let start = harma_clip::checkpoint::load_adapters(&fixtures().join("adapters.safetensors"))?;
+    let end = harma_clip::checkpoint::load_adapters(&a.out.join("adapters.safetensors"))?;
+    assert_eq!(start.len(), end.len());
+    let moved = (&start["temp"] - &end["temp"])?.abs()?.to_scalar::<f32>()?;
+    assert!(moved > 1e-5, "temp did not move");
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn a_nan_loss_stops_and_keeps_the_last_good_checkpoint() -> Result<()> {
+    let dir = temp_dir("nan");
+    // a step size of 1e30 (no decay, so the weights stay finite) overflows the next forward
+    let cfg = TrainConfig::resolve(&Args {
+        lr: Some(1e30),
+        weight_decay: Some(0.0),
+        schedule: Some(harma_train::config::ScheduleKind::Constant),
+        save_every: Some(1),
+        ..args(&dir, "run")
+    })?;
+    let err = train(&cfg, false, &Control::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("step 2: the loss is"), "{err}");
+    assert!(err.contains("after step 1"), "{err}");
+    assert_eq!(log(&cfg.out).len(), 1);
+    let bytes = std::fs::read(cfg.out.join("adapters.safetensors"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    assert_eq!(header.metadata().as_ref().unwrap()["step"], "1");
+    let kept = harma_clip::checkpoint::load_adapters(&cfg.out.join("adapters.safetensors"))?;
+    for (k, t) in kept {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        assert!(v.iter().all(|x| x.is_finite()), "{k}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn a_folder_with_a_run_is_not_overwritten() -> Result<()> {
+    let dir = temp_dir("again");
+    let cfg = TrainConfig::resolve(&Args {
+        steps: Some(1),
+        ..args(&dir, "run")
+    })?;
+    train(&cfg, false, &Control::default())?;
+    let before = std::fs::read(cfg.out.join("adapters.safetensors"))?;
+    let err = train(&cfg, false, &Control::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already holds a training run") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(cfg.out.join("adapters.safetensors"))?, before);
+    assert_eq!(log(&cfg.out).len(), 1);
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn the_command_writes_config_log_and_adapters() -> Result<()> {
+    let dir = temp_dir("cli");
+    let a = args(&dir, "run");
+    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args(["train", "--train-json", &path(&a.train_json)])
+        .args([
+            "--image-root",
+            &path(&a.image_root),
+            "--init",
+            &path(&a.init),
+        ])
+        .args(["--adapters", &path(&a.adapters)])
+        .args([
+            "--arch",
+            a.arch.as_ref().unwrap(),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+        ])
+        .args([
+            "--lr",
+            "1e-4",
+            "--no-shuffle",
+            "--augment",
+            "none",
+            "--seed",
+            "1",
+        ])
+        .args(["--out", &path(&a.out)])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let run = a.out.unwrap();
+    let cfg: TrainConfig = toml::from_str(&std::fs::read_to_string(run.join("config.toml"))?)?;
+    assert_eq!(
+        (cfg.epochs, cfg.seed, cfg.shuffle, cfg.lr),
+        (Some(1), 1, false, 1e-4)
+    );
+    let lines = log(&run);
+    assert_eq!(lines.len(), 3);
+    for key in [
+        "step",
+        "lr",
+        "loss",
+        "loss_contrastive",
+        "loss_triplet",
+        "temp",
+    ] {
+        assert!(lines.iter().all(|l| l[key].is_number()), "{key}");
+    }
+    // 59 trained tensors under the original's names
+    let saved = harma_clip::checkpoint::load_tensors(&run.join("adapters.safetensors"))?;
+    assert_eq!(saved.len(), 59);
+    assert!(saved.contains_key("model.visual.transformer.resblocks.0.mmadapter.gate1"));
+
+    // a missing image names the entry and the file, before the model loads
+    let json = dir.join("train.json");
+    let text = std::fs::read_to_string(&json)?.replace("blue.png", "blue.tif");
+    std::fs::write(&json, text)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args(["train", "--train-json", json.to_str().unwrap()])
+        .args([
+            "--image-root",
+            &path(&a.image_root),
+            "--init",
+            &path(&a.init),
+        ])
+        .args(["--batch-size", "4", "--steps", "1", "--lr", "1e-4", "--out"])
+        .arg(dir.join("other"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("train.json") && stderr.contains("entry 4") && stderr.contains("blue.tif"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
