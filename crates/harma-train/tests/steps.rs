@@ -137,3 +137,85 @@ fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
     std::fs::remove_dir_all(out).ok();
     Ok(())
 }
+
+fn own_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The checkpoint the PyTorch side loads: one update from the fixture adapters.
+fn trained(s: &Setup) -> Result<()> {
+    let mut opt = AdamW::new(s.vars.clone(), AdamWConfig::default())?;
+    opt.step(&s.loss()?.total.backward()?, 1e-2)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "regenerates tests/fixtures/trained.safetensors for check_torch_load.py"]
+fn write_trained_fixture() -> Result<()> {
+    let s = Setup::new()?;
+    trained(&s)?;
+    harma_train::optim::save_trained(&own_fixtures().join("trained.safetensors"), &s.vars)
+}
+
+#[test]
+fn the_original_loads_what_we_train() -> Result<()> {
+    // fixtures/check_torch_load.py: the original model, loaded with our trained.safetensors
+    // by load_state_dict(strict=False), and its embeddings of the fixture inputs
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        own_fixtures().join("torch_load.json"),
+    )?)?;
+    assert_eq!(report["loaded"], 59);
+    assert_eq!(
+        report["unexpected"],
+        serde_json::json!([]),
+        "keys PyTorch did not know"
+    );
+    assert_eq!(report["missing_trainable"], serde_json::json!([]));
+    let torch = candle_core::safetensors::load(
+        own_fixtures().join("torch_load.safetensors"),
+        &Device::Cpu,
+    )?;
+
+    // our model with the same file gives the same embeddings
+    let s = Setup::new()?;
+    let acfg = AdapterConfig::default();
+    let ours = HarmaAdapters::from_tensors(
+        harma_clip::checkpoint::load_adapters(&own_fixtures().join("trained.safetensors"))?,
+        &s.cfg,
+        &acfg,
+        &Device::Cpu,
+    )?;
+    let inputs =
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+    let img = s.model.encode_image(&inputs["pixels"], Some(&ours))?;
+    let txt = s
+        .model
+        .encode_text(&inputs["ids"].to_dtype(DType::U32)?, Some(&ours))?;
+    let err = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
+    let (ei, et) = (err(&img, &torch["image"])?, err(&txt, &torch["text"])?);
+    eprintln!("embeddings vs the original with our checkpoint: image {ei:.1e}, text {et:.1e}");
+    assert!(ei < 1e-5 && et < 1e-5, "image {ei}, text {et}");
+    assert_eq!(
+        ours.temp.to_scalar::<f32>()?,
+        torch["temp"].to_scalar::<f32>()?
+    );
+
+    // and the file is what one update from the fixture gives today
+    trained(&s)?;
+    let now = HarmaAdapters::from_tensors(
+        s.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+        &s.cfg,
+        &acfg,
+        &Device::Cpu,
+    )?;
+    let again = s
+        .model
+        .encode_text(&inputs["ids"].to_dtype(DType::U32)?, Some(&now))?;
+    assert!(err(&again, &txt)? < 1e-6);
+    Ok(())
+}
