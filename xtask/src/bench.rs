@@ -31,6 +31,59 @@ pub struct Args {
     batch: usize,
 }
 
+/// `cargo xtask bench-step`: one process timing the training step alone, so its peak memory
+/// is its own (the bench runs it per mode).
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    /// Candle's generic ops and backward: frozen weights get gradients, no fused kernels
+    #[arg(long)]
+    naive: bool,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+}
+
+/// Print `{"pairs_per_s", "peak_rss_gb"}` for one training-step mode.
+pub fn run_step(args: &StepArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let b = args.batch;
+    let cfg = ClipConfig::vit_b32_quickgelu();
+    let model = random_model(&cfg, &device)?;
+    let tok = ClipTokenizer::new(77)?;
+    let ids = Tensor::from_vec(tok.encode_batch(&captions(b)?)?, (b, 77), &device)?;
+    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
+    harma_clip::ops::set_generic_ops(args.naive);
+    let pairs_per_s = train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters)?;
+    let out = serde_json::json!({"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb()});
+    println!("{out}");
+    Ok(())
+}
+
+/// Run `bench-step` in a child process.
+fn step_in_child(naive: bool, b: usize, iters: usize) -> Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "bench-step",
+        "--batch",
+        &b.to_string(),
+        "--iters",
+        &iters.to_string(),
+    ]);
+    if naive {
+        cmd.arg("--naive");
+    }
+    let out = cmd.output().context("cannot run bench-step")?;
+    if !out.status.success() {
+        bail!(
+            "bench-step failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
 fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
     let mut rng = harma_data::rng::Rng::new(0);
@@ -267,32 +320,64 @@ pub fn run(args: &Args) -> Result<()> {
         })
         .collect();
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
-    let rss_before = peak_rss_gb();
-    let train = train_pairs_per_s(&model, &cfg, &pixels, &ids, if args.quick { 1 } else { 3 })?;
-    let rss_train = peak_rss_gb();
+    // the training step, each mode in its own process (peak memory is per process), alternating
+    let step_iters = if args.quick { 1 } else { 3 };
+    let step_rounds = if args.quick { 1 } else { 2 };
+    let modes = ["harma-rs", "naive Candle", "PyTorch"];
+    let mut speed: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut rss: Vec<Vec<f64>> = vec![vec![]; 3];
+    for _ in 0..step_rounds {
+        for (m, naive) in [(0, false), (1, true)] {
+            let j = step_in_child(naive, b, step_iters)?;
+            speed[m].push(j["pairs_per_s"].as_f64().context("bench-step")?);
+            rss[m].push(j["peak_rss_gb"].as_f64().context("bench-step")?);
+        }
+        if let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) {
+            let (bs, it) = (b.to_string(), step_iters.to_string());
+            let script_args = [
+                std::ffi::OsStr::new("--batch"),
+                bs.as_ref(),
+                "--harma-repo".as_ref(),
+                repo.as_os_str(),
+                "--iters".as_ref(),
+                it.as_ref(),
+            ];
+            let j = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
+            speed[2].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
+            rss[2].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
+        }
+        eprintln!("training-step round done");
+    }
+    let pair_flops = 2.0 * (img_flops + txt_flops);
     println!(
-        "training step (HarMA adapters, batch {b}): {train:.2} pairs/s, peak RSS {rss_train:.2} GB \
-         (before training: {rss_before:.2} GB)"
+        "training step (HarMA adapters, batch {b}, {step_rounds} rounds of {step_iters} steps; \
+         medians; ~{:.0} GFLOP per pair without frozen-weight gradients):",
+        pair_flops / 1e9
     );
-    let mut torch_train = serde_json::Value::Null;
-    if let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) {
-        let (bs, iters) = (b.to_string(), if args.quick { "1" } else { "3" });
-        let script_args = [
-            std::ffi::OsStr::new("--batch"),
-            bs.as_ref(),
-            "--harma-repo".as_ref(),
-            repo.as_os_str(),
-            "--iters".as_ref(),
-            iters.as_ref(),
-        ];
-        torch_train = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
-        let tp = torch_train["pairs_per_s"].as_f64().unwrap_or(f64::NAN);
-        let tm = torch_train["peak_rss_gb"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "{:<14} {:>9} {:>14} {:>14} {:>13}",
+        "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
+    );
+    let mut train_json = serde_json::Map::new();
+    let torch_speed = (!speed[2].is_empty()).then(|| median(&speed[2]));
+    let torch_rss = (!rss[2].is_empty()).then(|| median(&rss[2]));
+    for m in 0..3 {
+        if speed[m].is_empty() {
+            continue;
+        }
+        let (sp, mem) = (median(&speed[m]), median(&rss[m]));
+        let vs = match (torch_speed, torch_rss) {
+            (Some(ts), Some(tm)) if m != 2 => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
+            _ => "-".into(),
+        };
+        let share = 100.0 * sp * pair_flops / 1e9 / gflops;
         println!(
-            "training step, original HarMA in PyTorch: {tp:.2} pairs/s, peak RSS {tm:.2} GB; \
-             ours/theirs: {:.2}x speed, {:.2}x memory",
-            train / tp,
-            rss_train / tm
+            "{:<14} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
+            modes[m], share
+        );
+        train_json.insert(
+            modes[m].into(),
+            serde_json::json!({"pairs_per_s": sp, "peak_rss_gb": mem, "runs": speed[m]}),
         );
     }
     let n_img = if args.quick { 2_000 } else { 10_000 };
@@ -322,10 +407,7 @@ pub fn run(args: &Args) -> Result<()> {
             serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
         );
     }
-    json.insert(
-        "train".into(),
-        serde_json::json!({"pairs_per_s": train, "peak_rss_gb": rss_train, "pytorch": torch_train}),
-    );
+    json.insert("train".into(), train_json.into());
     json.insert(
         "metrics_seconds".into(),
         serde_json::json!({"images": n_img, "captions": 5 * n_img, "seconds": metrics_s}),

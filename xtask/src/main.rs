@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Time the workloads at ViT-B/32 size with random weights; optionally PyTorch beside us
     Bench(bench::Args),
+    /// One training-step measurement in this process (run by `bench`, one process per mode)
+    #[command(hide = true)]
+    BenchStep(bench::StepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +30,6 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))?;
     match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
+        Command::BenchStep(args) => bench::run_step(&args),
     }
 }

@@ -117,6 +117,18 @@ fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
 /// contrastive + adaptive triplet, against the original model and loss code.
 #[test]
 fn gradients_of_every_trainable_tensor_match_the_original() -> Result<()> {
+    check_gradients()
+}
+
+#[test]
+fn gradients_through_the_generic_ops_match_the_original_too() -> Result<()> {
+    // the path every non-CPU device takes: Candle's basic ops, differentiable end to end
+    harma_clip::ops::set_generic_ops(true);
+    check_gradients()
+}
+
+/// The loss terms and the gradient of each of the 59 trainable tensors against the original's.
+fn check_gradients() -> Result<()> {
     let cfg = config();
     let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
     let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;

@@ -1,7 +1,9 @@
 //! The tensor operations of a transformer block, shared by the backbone and the adapters.
 //!
-//! Inference uses Candle's fused kernels here; they are the one place to swap when a
-//! differentiable version is needed.
+//! On the CPU in f32 they run the fused kernels of `kernels` (each with a backward that skips
+//! frozen weights). Elsewhere, or with [`set_generic_ops`], they are compositions of Candle's
+//! basic ops, every one differentiable (Candle's own fused softmax and layer norm have no
+//! backward, so they are not used): the reference path, and the naive baseline of the bench.
 
 use candle_core::{DType, Module, Tensor, D};
 
@@ -104,23 +106,38 @@ impl LayerNorm {
             )?;
             return Ok(y.reshape(dims)?);
         }
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?)
+        layer_norm_generic(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension, differentiable (`exp(x - max) / sum`; rows of -inf give 0).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax_last_dim(x)?)
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Layer norm over the last dimension from basic (differentiable) ops.
+pub fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+thread_local! {
+    static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// On this thread, run the generic ops even where the fused CPU kernels apply (the reference
+/// path, and the naive baseline of `cargo xtask bench`). Returns the previous setting.
+pub fn set_generic_ops(on: bool) -> bool {
+    GENERIC.with(|g| g.replace(on))
 }
 
 /// Whether the fused CPU kernels of `kernels` apply to `x`.
 fn fused_cpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    !GENERIC.with(|g| g.get()) && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `x * sigmoid(1.702 x)`.

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{embed, train};
+use crate::{embed, eval, train};
 
 /// harma: HarMA remote-sensing image-text retrieval (CLIP ViT-B/32 + adapters) on Candle.
 #[derive(Debug, Parser)]
@@ -42,12 +42,21 @@ pub enum Command {
     ///
     /// harma train --train-json rsitmd_train.json --image-root rsitmd/images --init RS5M_ViT-B-32_RET-2.pt --batch-size 214 --epochs 80 --lr 4e-6 --out runs/rsitmd
     Train(Box<train::Args>),
+    /// Evaluate image-text retrieval on a split: R@1/5/10 both ways and mR, as HarMA reports.
+    ///
+    /// Without adapters it is the zero-shot baseline of the checkpoint.
+    ///
+    /// Example (a trained run on RSITMD's test split):
+    ///
+    /// harma eval --model RS5M_ViT-B-32_RET-2.pt --adapters runs/rsitmd/adapters.safetensors --test-json rsitmd_test.json --image-root rsitmd/images --out metrics.json
+    Eval(eval::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Embed(args)) => embed::run(&args),
         Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Eval(args)) => eval::run(&args),
         None => {
             use clap::CommandFactory;
             Cli::command().print_long_help()?;

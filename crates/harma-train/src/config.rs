@@ -93,6 +93,55 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     #[serde(default = "d::max_words")]
     pub max_words: usize,
+    /// val split: evaluated every `val_every` steps (0: each epoch end); the best by mR is kept
+    pub val_json: Option<PathBuf>,
+    /// test split: evaluated once at the end, with the best adapters by val
+    pub test_json: Option<PathBuf>,
+    #[serde(default)]
+    pub val_every: usize,
+    #[serde(default = "d::eval_batch")]
+    pub eval_batch_size: usize,
+    /// the preset the paths came from, if any (informational)
+    pub dataset: Option<Dataset>,
+}
+
+/// The datasets with presets; their files sit under `--data-dir` as docs/DATA.md lays out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    Rsitmd,
+    Rsicd,
+}
+
+impl Dataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::Rsitmd => "rsitmd",
+            Dataset::Rsicd => "rsicd",
+        }
+    }
+
+    /// The preset's settings: the data layout of docs/DATA.md under `data_dir`, and the
+    /// original's "geo" configuration (GeoRSCLIP RET-2, lr 4e-6, 80 epochs, batch 214).
+    pub fn preset(self, data_dir: &Path) -> toml::Table {
+        let d = data_dir.join(self.name());
+        let path = |p: PathBuf| toml::Value::from(p.display().to_string());
+        let mut t = toml::Table::new();
+        t.insert("train_json".into(), path(d.join("train.json")));
+        t.insert("val_json".into(), path(d.join("val.json")));
+        t.insert("test_json".into(), path(d.join("test.json")));
+        t.insert("image_root".into(), path(d.join("images")));
+        t.insert(
+            "init".into(),
+            path(data_dir.join("models").join("RS5M_ViT-B-32_RET-2.pt")),
+        );
+        t.insert("lr".into(), 4e-6.into());
+        t.insert("epochs".into(), 80.into());
+        t.insert("batch_size".into(), 214.into());
+        t.insert("out".into(), path(PathBuf::from("runs").join(self.name())));
+        t.insert("dataset".into(), self.name().into());
+        t
+    }
 }
 
 /// Defaults: the original's settings (SPEC "Optimisation"); lr and batch size have none.
@@ -136,6 +185,9 @@ mod d {
     }
     pub fn max_words() -> usize {
         30
+    }
+    pub fn eval_batch() -> usize {
+        64
     }
 }
 
@@ -234,6 +286,29 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub skip_bad: bool,
+    /// Validation split (HarMA's val format): evaluated during training; the adapters with the
+    /// best mR are kept as OUT/best.safetensors
+    #[arg(long, value_name = "FILE")]
+    pub val_json: Option<PathBuf>,
+    /// Test split: evaluated once at the end with the best adapters by val (never used to
+    /// choose them)
+    #[arg(long, value_name = "FILE")]
+    pub test_json: Option<PathBuf>,
+    /// Evaluate val every N steps [default: 0 = at the end of each epoch]
+    #[arg(long, value_name = "N")]
+    pub val_every: Option<u64>,
+    /// Images or captions per forward pass when evaluating [default: 64]
+    #[arg(long, value_name = "N")]
+    pub eval_batch_size: Option<u64>,
+    /// Use a dataset preset: the files `cargo xtask fetch-data` writes under --data-dir
+    /// (docs/DATA.md) and the original's settings (GeoRSCLIP RET-2, lr 4e-6, 80 epochs,
+    /// batch 214); other settings override it
+    #[arg(long, value_enum)]
+    pub dataset: Option<Dataset>,
+    /// Where the dataset presets look [default: data]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub data_dir: Option<PathBuf>,
 }
 
 fn read_table(path: &Path) -> Result<toml::Table> {
@@ -260,6 +335,26 @@ impl TrainConfig {
             None => toml::Table::new(),
         };
         let flags = toml::Table::try_from(args).context("flags")?;
+        // a dataset preset (from the flags, else the file) sits under both
+        let dataset = match flags.get("dataset").or(table.get("dataset")) {
+            Some(v) => Some(
+                Dataset::deserialize(v.clone())
+                    .map_err(|e| anyhow::anyhow!("`dataset`: {}", e.message()))?,
+            ),
+            None => None,
+        };
+        if let Some(d) = dataset {
+            let data_dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("data"));
+            let mut preset = d.preset(&data_dir);
+            if table.contains_key("steps") || flags.contains_key("steps") {
+                preset.remove("epochs");
+            }
+            preset.extend(table);
+            table = preset;
+        }
         // --steps and --epochs replace each other
         if flags.contains_key("steps") {
             table.remove("epochs");
@@ -307,7 +402,10 @@ impl TrainConfig {
         ] {
             *p = absolute(p);
         }
-        if let Some(p) = &mut cfg.adapters {
+        for p in [&mut cfg.adapters, &mut cfg.val_json, &mut cfg.test_json]
+            .into_iter()
+            .flatten()
+        {
             *p = absolute(p);
         }
         Ok(cfg)
@@ -320,8 +418,8 @@ impl TrainConfig {
             (Some(0), _) | (_, Some(0)) => bail!("--steps/--epochs must be at least 1"),
             _ => {}
         }
-        if self.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            bail!("--batch-size and --eval-batch-size must be at least 1");
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             bail!("--lr must be a finite number >= 0, got {}", self.lr);

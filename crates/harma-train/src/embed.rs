@@ -138,7 +138,7 @@ pub fn read_captions(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-fn progress(n: usize, what: &str) -> ProgressBar {
+pub fn progress(n: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(n as u64);
     pb.set_style(
         ProgressStyle::with_template(&format!(
@@ -159,29 +159,61 @@ pub fn embed_images(
     device: &Device,
     pb: &ProgressBar,
 ) -> Result<Tensor> {
+    Ok(embed_images_timed(model, hook, files, batch, device, pb)?.0)
+}
+
+/// Busy seconds of the two sides of [`embed_images_timed`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Busy {
+    /// decoding, resizing and normalising (the producer thread)
+    pub decode: f64,
+    /// the image tower
+    pub embed: f64,
+}
+
+/// [`embed_images`], also returning where the time went.
+pub fn embed_images_timed(
+    model: &Clip,
+    hook: Option<&dyn BlockHook>,
+    files: &[PathBuf],
+    batch: usize,
+    device: &Device,
+    pb: &ProgressBar,
+) -> Result<(Tensor, Busy)> {
     let size = model.config.vision.image_size;
     let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
     let mut outs = Vec::with_capacity(chunks.len());
+    let decode_ns = std::sync::atomic::AtomicU64::new(0);
+    let mut embed = 0.0;
     crate::pipeline::prefetch(
         0..chunks.len(),
         1,
         |i| {
             use rayon::prelude::*;
+            let t = std::time::Instant::now();
             let pixels = chunks[i]
                 .par_iter()
                 .map(|p| harma_data::preprocess_eval(p, size))
                 .collect::<std::result::Result<Vec<Vec<f32>>, _>>()?;
+            let ns = t.elapsed().as_nanos() as u64;
+            decode_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
             Ok(pixels.concat())
         },
         |i, pixels| {
+            let t = std::time::Instant::now();
             let n = chunks[i].len();
             let x = Tensor::from_vec(pixels, (n, 3, size, size), device)?;
             outs.push(model.encode_image(&x, hook)?);
             pb.inc(n as u64);
+            embed += t.elapsed().as_secs_f64();
             Ok(true)
         },
     )?;
-    Ok(Tensor::cat(&outs, 0)?)
+    let busy = Busy {
+        decode: decode_ns.into_inner() as f64 / 1e9,
+        embed,
+    };
+    Ok((Tensor::cat(&outs, 0)?, busy))
 }
 
 /// Token ids must index the model's token embedding: a model with a smaller vocabulary than

@@ -31,6 +31,12 @@ pub fn write_safetensors(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    write_atomic(path, &bytes)
+}
+
+/// Write `bytes` to `path` through a temp file beside it and a rename; creates the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -41,8 +47,7 @@ pub fn write_safetensors(
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
     ));
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move into {}", path.display()))?;
     Ok(())
 }

@@ -17,9 +17,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Checkpoint, Clip, ClipConfig, ClipTokenizer};
-use harma_data::annotations::{load_train_json, LoadOptions, PairSet};
+use harma_data::annotations::{load_train_json, EvalSet, LoadOptions, PairSet};
 use harma_data::augment::TrainTransform;
 use harma_data::rng::Rng;
+use harma_metrics::RetrievalMetrics;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{AdamWKind, AugmentKind, ScheduleKind, TrainConfig};
@@ -109,6 +110,16 @@ impl Plan {
             .collect()
     }
 
+    /// Whether val is evaluated after `done` steps.
+    pub fn validates_after(&self, done: usize, val_every: usize) -> bool {
+        done == self.total
+            || if val_every > 0 {
+                done.is_multiple_of(val_every)
+            } else {
+                done.is_multiple_of(self.steps_per_epoch)
+            }
+    }
+
     /// Whether a checkpoint is written after `done` steps.
     pub fn saves_after(&self, done: usize, save_every: usize) -> bool {
         done == self.total
@@ -117,6 +128,106 @@ impl Plan {
             } else {
                 done.is_multiple_of(self.steps_per_epoch)
             }
+    }
+}
+
+/// One evaluation of the val split during training.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ValEntry {
+    pub step: usize,
+    pub epoch: usize,
+    #[serde(flatten)]
+    pub metrics: RetrievalMetrics,
+}
+
+/// The test split, evaluated once at the end.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TestEntry {
+    /// which adapters: `best.safetensors` (best val mR) or `adapters.safetensors` (no val)
+    pub adapters: String,
+    pub step: usize,
+    #[serde(flatten)]
+    pub metrics: RetrievalMetrics,
+}
+
+/// OUT/metrics.json.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MetricsLog {
+    pub val: Vec<ValEntry>,
+    pub best: Option<ValEntry>,
+    pub test: Option<TestEntry>,
+}
+
+impl MetricsLog {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("metrics.json")
+    }
+
+    /// The record of a resumed run, without what came after `step`.
+    fn read(dir: &Path, step: usize) -> Result<Self> {
+        let path = Self::path(dir);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(Self::default());
+        };
+        let mut log: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a metrics record", path.display()))?;
+        log.val.retain(|v| v.step <= step);
+        log.best = log
+            .val
+            .iter()
+            .fold(None::<&ValEntry>, |b, v| match b {
+                Some(b) if b.metrics.r_mean >= v.metrics.r_mean => Some(b),
+                _ => Some(v),
+            })
+            .cloned();
+        log.test = None;
+        Ok(log)
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        crate::output::write_atomic(
+            &Self::path(dir),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
+    }
+}
+
+/// The val and test splits and what evaluating them needs.
+struct Evaluator {
+    val: Option<EvalSet>,
+    test: Option<EvalSet>,
+    tokenizer: ClipTokenizer,
+    clip: ClipConfig,
+    acfg: AdapterConfig,
+    image_root: PathBuf,
+    batch: usize,
+    device: Device,
+}
+
+impl Evaluator {
+    /// Metrics of `split` with the adapters' current values (detached: no graph is kept).
+    fn run(
+        &self,
+        model: &Clip,
+        vars: &[(String, Var)],
+        split: &EvalSet,
+    ) -> Result<RetrievalMetrics> {
+        let tensors = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let adapters = HarmaAdapters::from_tensors(tensors, &self.clip, &self.acfg, &self.device)?;
+        let (m, _) = crate::eval::evaluate_split(
+            model,
+            Some(&adapters),
+            &self.tokenizer,
+            split,
+            &self.image_root,
+            self.batch,
+            &self.device,
+            false,
+        )?;
+        Ok(m)
     }
 }
 
@@ -306,10 +417,7 @@ fn truncate_log(path: &Path, step: usize) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::output::write_atomic(path, kept.as_bytes())
 }
 
 fn load_pairs(cfg: &TrainConfig) -> Result<PairSet> {
@@ -345,6 +453,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     // inputs first: a bad annotation fails before the model loads
     let pairs = load_pairs(cfg)?;
     let plan = Plan::new(cfg, pairs.captions.len())?;
+    let split = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| crate::eval::load_split(p, &cfg.image_root, cfg.skip_bad))
+            .transpose()
+    };
+    let (val, test) = (split(&cfg.val_json)?, split(&cfg.test_json)?);
     let clip = ClipConfig::preset(&cfg.arch)?;
     let device = Device::Cpu;
     let tokenizer = ClipTokenizer::new(clip.text.context_length)?;
@@ -370,14 +484,25 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     } else {
         0
     };
-    let config_tmp = dir.join(".config.toml.tmp");
-    std::fs::write(&config_tmp, cfg.to_toml()?)?;
-    std::fs::rename(&config_tmp, dir.join("config.toml"))?;
+    let mut record = if resume {
+        MetricsLog::read(dir, start)?
+    } else {
+        MetricsLog::default()
+    };
+    crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let evaluator = Evaluator {
+        val,
+        test,
+        tokenizer: ClipTokenizer::new(clip.text.context_length)?,
+        clip: clip.clone(),
+        acfg: acfg.clone(),
+        image_root: cfg.image_root.clone(),
+        batch: cfg.eval_batch_size,
+        device: device.clone(),
+    };
     if start >= plan.total {
-        eprintln!(
-            "nothing to do: the run already has {start} of {} steps",
-            plan.total
-        );
+        eprintln!("the run already has {start} of {} steps", plan.total);
+        final_test(dir, &model, &st, &evaluator, &mut record, start)?;
         return Ok(Outcome::Finished { steps: start });
     }
     let mut log = std::fs::OpenOptions::new()
@@ -502,6 +627,35 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
 
             let stop = control.stop.load(Ordering::SeqCst)
                 || control.stop_after.is_some_and(|s| done >= s);
+            if let Some(val) = &evaluator.val {
+                if plan.validates_after(done, cfg.val_every) {
+                    pb.set_message("evaluating val".to_string());
+                    let m = evaluator.run(&model, &st.vars, val)?;
+                    let entry = ValEntry {
+                        step: done,
+                        epoch: plan.epoch(k) + 1,
+                        metrics: m,
+                    };
+                    let improved = record
+                        .best
+                        .as_ref()
+                        .is_none_or(|b| m.r_mean > b.metrics.r_mean);
+                    if improved {
+                        save_best(dir, &st, done, cfg)?;
+                        record.best = Some(entry.clone());
+                    }
+                    record.val.push(entry);
+                    record.write(dir)?;
+                    pb.println(format!(
+                        "step {done} (epoch {}): val mR {:.2} (R@1 i->t {:.2}, t->i {:.2}){}",
+                        plan.epoch(k) + 1,
+                        m.r_mean,
+                        m.txt_r1,
+                        m.img_r1,
+                        if improved { ", best so far" } else { "" }
+                    ));
+                }
+            }
             if stop || plan.saves_after(done, cfg.save_every) {
                 save(dir, &st, done, &plan, cfg)?;
                 last_saved = Some(done);
@@ -515,16 +669,72 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     )?;
     pb.finish();
     match &outcome {
-        Outcome::Finished { steps } => eprintln!(
-            "finished {steps} steps: {}",
-            dir.join("adapters.safetensors").display()
-        ),
+        Outcome::Finished { steps } => {
+            eprintln!(
+                "finished {steps} steps: {}",
+                dir.join("adapters.safetensors").display()
+            );
+            final_test(dir, &model, &st, &evaluator, &mut record, *steps)?;
+        }
         Outcome::Stopped { step } => eprintln!(
             "stopped after step {step}; continue with `harma train --resume {}`",
             dir.display()
         ),
     }
     Ok(outcome)
+}
+
+fn save_best(dir: &Path, st: &State, step: usize, cfg: &TrainConfig) -> Result<()> {
+    let meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("arch".to_string(), cfg.arch.clone()),
+        ("selected_by".to_string(), "val r_mean".to_string()),
+    ]);
+    crate::optim::save_trained_with(&dir.join("best.safetensors"), &st.vars, meta)
+}
+
+/// Evaluate test once, with the best adapters by val (or the last without val); print and
+/// record it.
+fn final_test(
+    dir: &Path,
+    model: &Clip,
+    st: &State,
+    ev: &Evaluator,
+    record: &mut MetricsLog,
+    steps: usize,
+) -> Result<()> {
+    if let Some(best) = &record.best {
+        eprintln!(
+            "best val mR {:.2} at step {} (epoch {}): {}",
+            best.metrics.r_mean,
+            best.step,
+            best.epoch,
+            dir.join("best.safetensors").display()
+        );
+    }
+    let Some(test) = &ev.test else {
+        return Ok(());
+    };
+    if record.test.is_some() {
+        return Ok(());
+    }
+    let (file, step, vars) = match &record.best {
+        Some(best) => {
+            let tensors = harma_clip::checkpoint::load_adapters(&dir.join("best.safetensors"))?;
+            let (_, vars) = HarmaAdapters::trainable(tensors, &ev.clip, &ev.acfg, &ev.device)?;
+            ("best.safetensors", best.step, vars)
+        }
+        None => ("adapters.safetensors", steps, st.vars.clone()),
+    };
+    eprintln!("evaluating test with {file} (step {step})");
+    let m = ev.run(model, &vars, test)?;
+    println!("test ({file}, step {step}):\n{}", crate::eval::table(&m));
+    record.test = Some(TestEntry {
+        adapters: file.to_string(),
+        step,
+        metrics: m,
+    });
+    record.write(dir)
 }
 
 /// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop.

@@ -55,6 +55,21 @@ fn dataset(dir: &Path) -> PathBuf {
     }
     let json = dir.join("train.json");
     std::fs::write(&json, serde_json::to_string(&entries).unwrap()).unwrap();
+    // val and test in HarMA's evaluation format: one entry per image, its captions in a list
+    for (split, words) in [("val", ["building", "roof"]), ("test", ["square", "block"])] {
+        let entries: Vec<_> = COLOURS
+            .iter()
+            .map(|(name, _)| {
+                serde_json::json!({"image": format!("{name}.png"),
+                    "caption": words.map(|w| format!("a {name} {w} in a striped field"))})
+            })
+            .collect();
+        std::fs::write(
+            dir.join(format!("{split}.json")),
+            serde_json::to_string(&entries).unwrap(),
+        )
+        .unwrap();
+    }
     json
 }
 
@@ -89,6 +104,8 @@ fn args(dir: &Path, out: &str) -> Args {
         init: Some(model),
         arch: Some(config.display().to_string()),
         adapters: Some(fixtures().join("adapters.safetensors")),
+        val_json: Some(dir.join("val.json")),
+        test_json: Some(dir.join("test.json")),
         batch_size: Some(4),
         steps: Some(5),
         lr: Some(1e-3),
@@ -319,6 +336,84 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     assert!(
         stderr.contains("train.json") && stderr.contains("entry 4") && stderr.contains("blue.tif"),
         "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn val_picks_the_best_and_test_uses_it_as_harma_eval_does() -> Result<()> {
+    let dir = temp_dir("val");
+    // 3 steps per epoch, val every 2 steps and at the end: steps 2, 4, 6, 7
+    let cfg = TrainConfig::resolve(&Args {
+        steps: Some(7),
+        val_every: Some(2),
+        lr: Some(3e-3),
+        ..args(&dir, "run")
+    })?;
+    train(&cfg, false, &Control::default())?;
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("metrics.json"))?)?;
+    let val = m["val"].as_array().unwrap();
+    let steps: Vec<u64> = val.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4, 6, 7]);
+    // the best is the first entry with the highest val mR
+    let top = val
+        .iter()
+        .map(|v| v["r_mean"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    let first_top = val
+        .iter()
+        .find(|v| v["r_mean"].as_f64().unwrap() == top)
+        .unwrap();
+    assert_eq!(m["best"], *first_top);
+    let bytes = std::fs::read(cfg.out.join("best.safetensors"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    assert_eq!(
+        header.metadata().as_ref().unwrap()["step"],
+        first_top["step"].to_string()
+    );
+    assert_eq!(m["test"]["adapters"], "best.safetensors");
+    assert_eq!(m["test"]["step"], first_top["step"]);
+
+    // `harma eval` with best.safetensors on test gives the numbers the run recorded
+    let out_json = dir.join("eval.json");
+    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args([
+            "eval",
+            "--model",
+            &cfg.init.display().to_string(),
+            "--arch",
+            &cfg.arch,
+        ])
+        .args([
+            "--adapters",
+            &cfg.out.join("best.safetensors").display().to_string(),
+        ])
+        .args(["--test-json", &path(&cfg.test_json), "--image-root"])
+        .arg(&cfg.image_root)
+        .args(["--batch-size", "5", "--out", out_json.to_str().unwrap()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("image -> text") && stdout.contains("mR"),
+        "{stdout}"
+    );
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_json)?)?;
+    for key in [
+        "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean",
+    ] {
+        assert_eq!(e["test"][key], m["test"][key], "{key}");
+    }
+    assert_eq!(
+        (e["images"].as_u64(), e["captions"].as_u64()),
+        (Some(6), Some(12))
     );
     std::fs::remove_dir_all(dir).ok();
     Ok(())

@@ -1,0 +1,200 @@
+//! `harma eval`, and the evaluation the training loop runs on val and test: embed every image
+//! and caption of a split, score all pairs (`S = I T^T`), and compute R@1/5/10 both ways and mR
+//! as the original's `itm_eval`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use harma_clip::{BlockHook, Checkpoint, Clip, ClipConfig, ClipTokenizer};
+use harma_data::annotations::{load_eval_json, EvalSet, LoadOptions};
+use harma_metrics::RetrievalMetrics;
+use indicatif::ProgressBar;
+
+use crate::embed::{self, SharingArg};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// CLIP checkpoint (as `harma embed --model`); an official HarMA checkpoint brings its
+    /// adapters
+    #[arg(long, value_name = "CKPT")]
+    pub model: PathBuf,
+    /// Architecture preset (see `harma embed --help`)
+    #[arg(long, default_value = "ViT-B-32-quickgelu")]
+    pub arch: String,
+    /// Adapters to apply (adapters-only safetensors, e.g. a run's adapters.safetensors, or a
+    /// HarMA checkpoint); without any, the zero-shot baseline
+    #[arg(long, value_name = "FILE")]
+    pub adapters: Option<PathBuf>,
+    /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
+    #[arg(long, default_value = "text", value_enum)]
+    pub sharing: SharingArg,
+    /// Evaluation annotations in HarMA's format: [{"image", "caption": [five strings]}, ...]
+    #[arg(long, value_name = "FILE")]
+    pub test_json: PathBuf,
+    /// Folder the `image` paths are relative to
+    #[arg(long, value_name = "DIR")]
+    pub image_root: PathBuf,
+    /// Also write the metrics (and timings) as JSON here
+    #[arg(long, value_name = "metrics.json")]
+    pub out: Option<PathBuf>,
+    /// Images or captions per forward pass
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Skip bad entries (missing image, empty caption) with a warning instead of stopping
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+/// Where the time of an evaluation went, in seconds. Decoding runs on its own thread while the
+/// model embeds, so `decode` and `embed_images` overlap within `images`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    /// decoding, resizing and normalising the images (producer thread, busy time)
+    pub decode: f64,
+    /// the image tower (busy time)
+    pub embed_images: f64,
+    /// wall time of the image side (decode and embedding overlapped)
+    pub images: f64,
+    /// tokenizing and embedding the captions
+    pub captions: f64,
+    /// the score matrix and the metrics
+    pub metrics: f64,
+}
+
+/// Load a val/test split, checking every image exists under `image_root`.
+pub fn load_split(json: &Path, image_root: &Path, skip_bad: bool) -> Result<EvalSet> {
+    let set = load_eval_json(
+        json,
+        &LoadOptions {
+            skip_bad,
+            image_root: Some(image_root.to_path_buf()),
+            ..LoadOptions::default()
+        },
+    )?;
+    if !set.skipped.is_empty() {
+        eprintln!(
+            "warning: skipped {} bad entries of {}, first: {}",
+            set.skipped.len(),
+            json.display(),
+            set.skipped[0]
+        );
+    }
+    Ok(set)
+}
+
+/// Embed a split and compute its metrics.
+pub fn evaluate_split(
+    model: &Clip,
+    hook: Option<&dyn BlockHook>,
+    tokenizer: &ClipTokenizer,
+    set: &EvalSet,
+    image_root: &Path,
+    batch: usize,
+    device: &Device,
+    progress: bool,
+) -> Result<(RetrievalMetrics, Timings)> {
+    let mut timings = Timings::default();
+    let files: Vec<PathBuf> = set.images.iter().map(|p| image_root.join(p)).collect();
+    let bar = |n: usize, what: &str| {
+        if progress {
+            embed::progress(n, what)
+        } else {
+            ProgressBar::hidden()
+        }
+    };
+    let t = Instant::now();
+    let pb = bar(files.len(), "images");
+    let (img, busy) = embed::embed_images_timed(model, hook, &files, batch, device, &pb)?;
+    pb.finish_and_clear();
+    timings.images = t.elapsed().as_secs_f64();
+    timings.decode = busy.decode;
+    timings.embed_images = busy.embed;
+
+    let t = Instant::now();
+    let pb = bar(set.captions.len(), "captions");
+    let txt = embed::embed_captions(model, hook, tokenizer, &set.captions, batch, device, &pb)?;
+    pb.finish_and_clear();
+    timings.captions = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let scores: Vec<f32> = img.matmul(&txt.t()?)?.flatten_all()?.to_vec1()?;
+    let metrics = harma_metrics::evaluate(&scores, files.len(), &set.txt2img)?;
+    timings.metrics = t.elapsed().as_secs_f64();
+    Ok((metrics, timings))
+}
+
+/// The metrics as a table: R@1/5/10 both ways and mR.
+pub fn table(m: &RetrievalMetrics) -> String {
+    format!(
+        "{:<22} {:>6} {:>6} {:>6}\n{:<22} {:>6.2} {:>6.2} {:>6.2}\n{:<22} {:>6.2} {:>6.2} {:>6.2}\n{:<22} {:>6.2}",
+        "", "R@1", "R@5", "R@10",
+        "image -> text (txt_r)", m.txt_r1, m.txt_r5, m.txt_r10,
+        "text -> image (img_r)", m.img_r1, m.img_r5, m.img_r10,
+        "mR (r_mean)", m.r_mean
+    )
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let set = load_split(&args.test_json, &args.image_root, args.skip_bad)?;
+    let cfg = ClipConfig::preset(&args.arch)?;
+    let device = Device::Cpu;
+    let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
+    let adapters = embed::resolve_adapters(
+        args.adapters.as_deref(),
+        &mut ckpt,
+        &cfg,
+        args.sharing.into(),
+        &device,
+    )?;
+    drop(ckpt);
+    if adapters.is_none() {
+        eprintln!("no adapters: evaluating plain CLIP (the zero-shot baseline)");
+    }
+    let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
+    let t = Instant::now();
+    let (metrics, timings) = evaluate_split(
+        &model,
+        adapters.as_ref().map(|a| a as &dyn BlockHook),
+        &tokenizer,
+        &set,
+        &args.image_root,
+        args.batch_size as usize,
+        &device,
+        true,
+    )?;
+    println!(
+        "{}: {} images, {} captions\n{}",
+        args.test_json.display(),
+        set.images.len(),
+        set.captions.len(),
+        table(&metrics)
+    );
+    eprintln!(
+        "{:.1}s: images {:.1}s (decode {:.1}s busy, embed {:.1}s busy), captions {:.1}s, \
+         metrics {:.3}s",
+        t.elapsed().as_secs_f64(),
+        timings.images,
+        timings.decode,
+        timings.embed_images,
+        timings.captions,
+        timings.metrics
+    );
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({
+            "test": metrics,
+            "test_json": args.test_json,
+            "model": args.model,
+            "adapters": args.adapters,
+            "images": set.images.len(),
+            "captions": set.captions.len(),
+            "seconds": timings,
+        });
+        crate::output::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
