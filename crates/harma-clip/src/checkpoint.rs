@@ -74,11 +74,22 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
-/// Random backbone weights in open_clip's layout, like a freshly initialised model: normal with
-/// std 0.02, layer norms 1 and 0, biases 0. `uniform` draws from [0, 1) (a seeded source makes
-/// the model repeatable).
+/// The spread of [`random_backbone`]'s weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomInit {
+    /// std 0.02 everywhere, as a freshly initialised open_clip (for timing)
+    Clip,
+    /// std 1/sqrt(fan_in) for matrices, 1 for embeddings: every layer keeps its input's scale,
+    /// so the frozen random towers pass on what they see (the offline demo's stand-in for a
+    /// pretrained CLIP)
+    FanIn,
+}
+
+/// Random backbone weights in open_clip's layout: normal (see [`RandomInit`]), layer norms 1
+/// and 0, biases 0. `uniform` draws from [0, 1) (a seeded source makes the model repeatable).
 pub fn random_backbone(
     cfg: &ClipConfig,
+    init: RandomInit,
     uniform: &mut dyn FnMut() -> f64,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
@@ -90,11 +101,19 @@ pub fn random_backbone(
         } else if name.contains("ln_") || name.ends_with("bias") {
             vec![0.0; n]
         } else {
+            let std = match init {
+                RandomInit::Clip => 0.02,
+                // [out, in] weights (and the [in, out] projections, square enough here)
+                RandomInit::FanIn if shape.len() == 2 && !name.contains("embedding") => {
+                    1.0 / (shape[1] as f64).sqrt()
+                }
+                RandomInit::FanIn => 1.0,
+            };
             // Box-Muller
             (0..n)
                 .map(|_| {
                     let (u1, u2) = (1.0 - uniform(), uniform());
-                    (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
                 })
                 .collect()
         };

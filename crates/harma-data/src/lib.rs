@@ -6,6 +6,7 @@ pub mod augment;
 pub mod caption;
 pub mod image;
 pub mod rng;
+pub mod synth;
 
 pub use crate::caption::clean_caption;
 pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD};

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod embed;
 pub mod eval;
 pub mod optim;

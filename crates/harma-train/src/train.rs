@@ -646,14 +646,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
                     }
                     record.val.push(entry);
                     record.write(dir)?;
-                    pb.println(format!(
-                        "step {done} (epoch {}): val mR {:.2} (R@1 i->t {:.2}, t->i {:.2}){}",
-                        plan.epoch(k) + 1,
-                        m.r_mean,
-                        m.txt_r1,
-                        m.img_r1,
-                        if improved { ", best so far" } else { "" }
-                    ));
+                    // suspend, not println: a hidden bar (no terminal) drops println
+                    pb.suspend(|| {
+                        eprintln!(
+                            "step {done} (epoch {}): val mR {:.2} (R@1 i->t {:.2}, t->i {:.2}){}",
+                            plan.epoch(k) + 1,
+                            m.r_mean,
+                            m.txt_r1,
+                            m.img_r1,
+                            if improved { ", best so far" } else { "" }
+                        )
+                    });
                 }
             }
             if stop || plan.saves_after(done, cfg.save_every) {

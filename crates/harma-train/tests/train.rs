@@ -86,6 +86,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, PathBuf) {
     let mut rng = harma_data::rng::Rng::new(5);
     let weights = harma_clip::checkpoint::random_backbone(
         &clip,
+        harma_clip::checkpoint::RandomInit::Clip,
         &mut || rng.uniform(),
         &candle_core::Device::Cpu,
     )
