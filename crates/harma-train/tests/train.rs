@@ -419,3 +419,87 @@ fn val_picks_the_best_and_test_uses_it_as_harma_eval_does() -> Result<()> {
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
+
+#[test]
+fn a_corrupt_image_stops_training_naming_the_file() -> Result<()> {
+    let dir = temp_dir("corrupt");
+    let a = args(&dir, "run");
+    // passes the existence check, fails to decode at its first batch
+    std::fs::write(dir.join("images/green.png"), b"\x89PNG\r\n\x1a\n not a png")?;
+    let cfg = TrainConfig::resolve(&Args {
+        no_shuffle: true,
+        ..a
+    })?;
+    let err = format!("{:#}", train(&cfg, false, &Control::default()).unwrap_err());
+    assert!(err.contains("green.png"), "{err}");
+    assert!(!cfg.out.join("adapters.safetensors").exists());
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
+    let dir = temp_dir("sigint");
+    let a = args(&dir, "run");
+    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args(["train", "--train-json", &path(&a.train_json)])
+        .args([
+            "--image-root",
+            &path(&a.image_root),
+            "--init",
+            &path(&a.init),
+        ])
+        .args([
+            "--adapters",
+            &path(&a.adapters),
+            "--arch",
+            a.arch.as_ref().unwrap(),
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--steps",
+            "100000",
+            "--lr",
+            "1e-4",
+            "--out",
+            &path(&a.out),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let run = a.out.clone().unwrap();
+    let started = std::time::Instant::now();
+    while !run.join("log.jsonl").exists() || log(&run).is_empty() {
+        assert!(started.elapsed().as_secs() < 120, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let steps = log(&run).len();
+    let bytes = std::fs::read(run.join("resume.safetensors"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    assert_eq!(
+        header.metadata().as_ref().unwrap()["step"],
+        steps.to_string()
+    );
+    // and it continues from there
+    let resumed = TrainConfig::resolve(&Args {
+        resume: Some(run.clone()),
+        steps: Some(steps as u64 + 1),
+        ..Args::default()
+    })?;
+    assert_eq!(
+        train(&resumed, true, &Control::default())?,
+        Outcome::Finished { steps: steps + 1 }
+    );
+    assert_eq!(log(&run).len(), steps + 1);
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
