@@ -29,6 +29,7 @@ enum Command {
 }
 
 fn main() {
+    harma_train::keep_freed_memory();
     let cli = Cli::parse();
     // xtask runs from anywhere in the workspace; paths are relative to its root
     let result = std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
