@@ -261,3 +261,47 @@ pub fn load_pairs(path: &Path, opts: &LoadOptions) -> Result<PairSet> {
     }
     Ok(set)
 }
+
+/// Whether `path` is a user pair file (`.csv` or `.jsonl`) rather than HarMA's JSON.
+pub fn is_pair_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("csv" | "jsonl")
+    )
+}
+
+/// Training pairs from HarMA's train JSON, or a user's CSV/JSONL (by extension).
+pub fn load_training(path: &Path, opts: &LoadOptions) -> Result<PairSet> {
+    if is_pair_file(path) {
+        load_pairs(path, opts)
+    } else {
+        load_train_json(path, opts)
+    }
+}
+
+/// An evaluation split from HarMA's val/test JSON, or a user's CSV/JSONL, whose lines are
+/// grouped by image (in order of first appearance).
+pub fn load_evaluation(path: &Path, opts: &LoadOptions) -> Result<EvalSet> {
+    if !is_pair_file(path) {
+        return load_eval_json(path, opts);
+    }
+    let pairs = load_pairs(path, opts)?;
+    let mut set = EvalSet {
+        skipped: pairs.skipped,
+        ..EvalSet::default()
+    };
+    for (image, id) in pairs.images.iter().zip(&pairs.image_ids) {
+        // ids count up from 0 in order of first appearance
+        if *id as usize == set.images.len() {
+            set.images.push(image.clone());
+        }
+    }
+    // captions grouped by image, so each image's captions are contiguous as in HarMA's files
+    let mut order: Vec<usize> = (0..pairs.captions.len()).collect();
+    order.sort_by_key(|&k| pairs.image_ids[k]);
+    for k in order {
+        set.captions.push(pairs.captions[k].clone());
+        set.txt2img.push(pairs.image_ids[k] as usize);
+    }
+    Ok(set)
+}

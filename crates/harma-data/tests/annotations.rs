@@ -151,3 +151,33 @@ fn user_csv_and_jsonl_pairs() {
     assert!(err.contains("line 1: expected `image,caption`"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn user_pairs_as_an_evaluation_split_group_by_image() {
+    let dir = temp_dir("evalpairs");
+    let csv = write(
+        &dir,
+        "val.csv",
+        "image,caption\nb.tif,A boat.\na.tif,A field.\nb.tif,\"Two boats, moored.\"\nc.tif,Roads\na.tif,Crops\n",
+    );
+    let set = harma_data::annotations::load_evaluation(&csv, &LoadOptions::default()).unwrap();
+    let images: Vec<&str> = set.images.iter().map(|p| p.to_str().unwrap()).collect();
+    assert_eq!(images, ["b.tif", "a.tif", "c.tif"]);
+    assert_eq!(
+        set.captions,
+        ["a boat", "two boats moored", "a field", "crops", "roads"]
+    );
+    assert_eq!(set.txt2img, [0, 0, 1, 1, 2]);
+    // HarMA's JSON goes through the JSON loader
+    let json = write(
+        &dir,
+        "t.json",
+        r#"[{"image": "x.tif", "caption": ["One.", "Two."]}]"#,
+    );
+    let set = harma_data::annotations::load_evaluation(&json, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        (set.images.len(), set.txt2img.as_slice()),
+        (1, [0, 0].as_slice())
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -205,8 +205,10 @@ pub struct Args {
     #[arg(long, value_name = "DIR", conflicts_with = "config")]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
-    /// Training annotations in HarMA's format: [{"caption", "image", "image_id"}, ...], one
-    /// entry per caption; pairs with the same image_id are soft positives of each other
+    /// Training annotations: HarMA's format ([{"caption", "image", "image_id"}, ...], one entry
+    /// per caption; pairs with the same image_id are soft positives of each other), or your own
+    /// .csv (`image,caption` lines) or .jsonl ({"image", "caption"} lines; lines naming the same
+    /// image share its id)
     #[arg(long, value_name = "FILE")]
     pub train_json: Option<PathBuf>,
     /// Folder the `image` paths of --train-json are relative to
@@ -286,8 +288,8 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub skip_bad: bool,
-    /// Validation split (HarMA's val format): evaluated during training; the adapters with the
-    /// best mR are kept as OUT/best.safetensors
+    /// Validation split (HarMA's val format, or .csv/.jsonl pairs): evaluated during training;
+    /// the adapters with the best mR are kept as OUT/best.safetensors
     #[arg(long, value_name = "FILE")]
     pub val_json: Option<PathBuf>,
     /// Test split: evaluated once at the end with the best adapters by val (never used to

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use harma_clip::{BlockHook, Checkpoint, Clip, ClipConfig, ClipTokenizer};
-use harma_data::annotations::{load_eval_json, EvalSet, LoadOptions};
+use harma_data::annotations::{load_evaluation, EvalSet, LoadOptions};
 use harma_metrics::RetrievalMetrics;
 use indicatif::ProgressBar;
 
@@ -30,7 +30,9 @@ pub struct Args {
     /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
     #[arg(long, default_value = "text", value_enum)]
     pub sharing: SharingArg,
-    /// Evaluation annotations in HarMA's format: [{"image", "caption": [five strings]}, ...]
+    /// Evaluation annotations: HarMA's format ([{"image", "caption": [five strings]}, ...]), or
+    /// your own .csv (`image,caption` lines) or .jsonl ({"image", "caption"} lines), grouped by
+    /// image
     #[arg(long, value_name = "FILE")]
     pub test_json: PathBuf,
     /// Folder the `image` paths are relative to
@@ -65,7 +67,7 @@ pub struct Timings {
 
 /// Load a val/test split, checking every image exists under `image_root`.
 pub fn load_split(json: &Path, image_root: &Path, skip_bad: bool) -> Result<EvalSet> {
-    let set = load_eval_json(
+    let set = load_evaluation(
         json,
         &LoadOptions {
             skip_bad,

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Checkpoint, Clip, ClipConfig, ClipTokenizer};
-use harma_data::annotations::{load_train_json, EvalSet, LoadOptions, PairSet};
+use harma_data::annotations::{EvalSet, LoadOptions, PairSet};
 use harma_data::augment::TrainTransform;
 use harma_data::rng::Rng;
 use harma_metrics::RetrievalMetrics;
@@ -426,7 +426,7 @@ fn load_pairs(cfg: &TrainConfig) -> Result<PairSet> {
         max_words: cfg.max_words,
         image_root: Some(cfg.image_root.clone()),
     };
-    let set = load_train_json(&cfg.train_json, &opts)?;
+    let set = harma_data::annotations::load_training(&cfg.train_json, &opts)?;
     if !set.skipped.is_empty() {
         eprintln!(
             "warning: skipped {} bad entries of {}, first: {}",

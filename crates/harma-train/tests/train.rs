@@ -503,3 +503,36 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
+
+#[test]
+fn own_csv_and_jsonl_files_train_and_evaluate() -> Result<()> {
+    let dir = temp_dir("own");
+    let a = args(&dir, "run");
+    let mut csv = String::from("image,caption\n");
+    let mut jsonl = String::new();
+    for (name, _) in COLOURS {
+        csv.push_str(&format!("{name}.png,\"A {name} building, in a field.\"\n"));
+        csv.push_str(&format!("{name}.png,a {name} square\n"));
+        jsonl.push_str(&format!(
+            "{{\"image\": \"{name}.png\", \"caption\": \"the {name} block\"}}\n"
+        ));
+    }
+    std::fs::write(dir.join("train.csv"), csv)?;
+    std::fs::write(dir.join("val.jsonl"), jsonl)?;
+    let cfg = TrainConfig::resolve(&Args {
+        train_json: Some(dir.join("train.csv")),
+        val_json: Some(dir.join("val.jsonl")),
+        test_json: None,
+        steps: Some(3),
+        ..a
+    })?;
+    train(&cfg, false, &Control::default())?;
+    assert_eq!(log(&cfg.out).len(), 3);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("metrics.json"))?)?;
+    // 12 pairs, batch 4: an epoch is 3 steps, so val ran once, at the end
+    assert_eq!(m["val"].as_array().unwrap().len(), 1);
+    assert!(m["val"][0]["r_mean"].as_f64().unwrap() > 0.0);
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
