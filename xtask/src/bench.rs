@@ -295,11 +295,13 @@ pub fn run(args: &Args) -> Result<()> {
     let mut json = serde_json::Map::new();
     let caps = captions(b)?;
     let ids = Tensor::from_vec(tok.encode_batch(&caps)?, (b, 77), &device)?;
-    let mean_tokens = caps
+    let lengths = caps
         .iter()
-        .map(|c| tok.encode_raw(c).map(|v| v.len() + 2))
-        .sum::<harma_clip::Result<usize>>()? as f64
-        / b as f64;
+        .map(|c| tok.encode_raw(c).map(|v| (v.len() + 2).min(77)))
+        .collect::<harma_clip::Result<Vec<usize>>>()?;
+    let mean_tokens = lengths.iter().sum::<usize>() as f64 / b as f64;
+    // the text tower runs up to the batch's last end-of-text token
+    let cut_len = lengths.iter().copied().max().unwrap_or(77);
     let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
 
     let threads = candle_core::utils::get_num_threads();
@@ -319,7 +321,8 @@ pub fn run(args: &Args) -> Result<()> {
         "captions/s (cut after EOT)",
         "captions/s (full 77 tokens)",
     ];
-    let flops = [f64::NAN, img_flops, txt_flops, txt_flops];
+    let cut_flops = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
+    let flops = [f64::NAN, img_flops, cut_flops, txt_flops];
     let mut ours: Vec<Vec<f64>> = vec![vec![]; names.len()];
     let mut theirs: Vec<Vec<f64>> = vec![vec![]; names.len()];
     for round in 0..rounds {
@@ -445,20 +448,23 @@ pub fn run(args: &Args) -> Result<()> {
         5 * n_img
     );
     println!(
-        "{:<30} {:>10} {:>10} {:>8} {:>12}",
-        "workload", "harma-rs", "PyTorch", "ratio", "matmul share"
+        "{:<30} {:>10} {:>10} {:>8} {:>11} {:>12}",
+        "workload", "harma-rs", "PyTorch", "ratio", "GFLOP/item", "matmul share"
     );
     for (name, ours, theirs, flops) in &rows {
-        let share = if flops.is_nan() {
-            String::new()
+        let (share, per_item) = if flops.is_nan() {
+            (String::new(), String::new())
         } else {
-            format!("{:.0}%", 100.0 * ours * flops / 1e9 / gflops)
+            (
+                format!("{:.0}%", 100.0 * ours * flops / 1e9 / gflops),
+                format!("{:.1}", flops / 1e9),
+            )
         };
         let (th, ratio) = match theirs {
             Some(t) => (format!("{t:.1}"), format!("{:.2}x", ours / t)),
             None => ("-".into(), "-".into()),
         };
-        println!("{name:<30} {ours:>10.1} {th:>10} {ratio:>8} {share:>12}");
+        println!("{name:<30} {ours:>10.1} {th:>10} {ratio:>8} {per_item:>11} {share:>12}");
         json.insert(
             name.to_string(),
             serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),

@@ -103,6 +103,8 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     /// the preset the paths came from, if any (informational)
     pub dataset: Option<Dataset>,
+    #[serde(default = "d::device")]
+    pub device: String,
 }
 
 /// The datasets with presets; their files sit under `--data-dir` as docs/DATA.md lays out.
@@ -188,6 +190,9 @@ mod d {
     }
     pub fn eval_batch() -> usize {
         64
+    }
+    pub fn device() -> String {
+        "auto".into()
     }
 }
 
@@ -307,6 +312,10 @@ pub struct Args {
     /// batch 214); other settings override it
     #[arg(long, value_enum)]
     pub dataset: Option<Dataset>,
+    /// Where to compute: auto (a CUDA GPU when this binary has CUDA and one is visible, else
+    /// the CPU), cpu, cuda or cuda:N [default: auto]
+    #[arg(long)]
+    pub device: Option<String>,
     /// Where the dataset presets look [default: data]
     #[arg(long, value_name = "DIR")]
     #[serde(skip)]

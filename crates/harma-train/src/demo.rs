@@ -28,6 +28,8 @@ pub struct Args {
     pub images: usize,
     #[arg(long, default_value_t = 3407)]
     pub seed: u64,
+    #[arg(long, default_value = "auto", help = crate::device::HELP)]
+    pub device: String,
 }
 
 impl Default for Args {
@@ -37,6 +39,7 @@ impl Default for Args {
             steps: 300,
             images: 500,
             seed: 3407,
+            device: "auto".into(),
         }
     }
 }
@@ -84,7 +87,12 @@ pub struct DemoResult {
     pub record: MetricsLog,
 }
 
-fn zero_shot(model: &Clip, cfg: &ClipConfig, data: &Path) -> Result<RetrievalMetrics> {
+fn zero_shot(
+    model: &Clip,
+    cfg: &ClipConfig,
+    data: &Path,
+    device: &Device,
+) -> Result<RetrievalMetrics> {
     let set = crate::eval::load_split(&data.join("test.json"), &data.join("images"), false)?;
     let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
     let (m, _) = crate::eval::evaluate_split(
@@ -94,7 +102,7 @@ fn zero_shot(model: &Clip, cfg: &ClipConfig, data: &Path) -> Result<RetrievalMet
         &set,
         &data.join("images"),
         64,
-        &Device::Cpu,
+        device,
         false,
     )?;
     Ok(m)
@@ -139,22 +147,23 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
 
     // a small CLIP with random weights stands in for a pretrained one (none can be downloaded
     // here); it is frozen as HarMA freezes its backbone
+    let device = crate::device::parse(&args.device)?;
     let mut rng = Rng::derive(args.seed, &[7]);
     let weights = harma_clip::checkpoint::random_backbone(
         &cfg,
         harma_clip::checkpoint::RandomInit::FanIn,
         &mut || rng.uniform(),
-        &Device::Cpu,
+        &device,
     )?;
     let model_path = out.join("model.safetensors");
     let named: Vec<(&str, &candle_core::Tensor)> =
         weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
     crate::output::write_safetensors(&model_path, &named, Default::default())?;
     let model = Clip::new(
-        candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu),
+        candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &device),
         &cfg,
     )?;
-    let zero = zero_shot(&model, &cfg, &data)?;
+    let zero = zero_shot(&model, &cfg, &data, &device)?;
     eprintln!("zero-shot test mR {:.2}", zero.r_mean);
 
     let train_cfg = TrainConfig::resolve(&TrainArgs {
@@ -172,6 +181,7 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
         augment: Some(AugmentKind::None),
         seed: Some(args.seed),
         out: Some(out.join("run")),
+        device: Some(args.device.clone()),
         ..TrainArgs::default()
     })?;
     train(&train_cfg, false, &Control::default())?;

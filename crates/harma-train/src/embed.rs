@@ -42,6 +42,8 @@ pub struct Args {
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    #[arg(long, default_value = "auto", help = crate::device::HELP)]
+    pub device: String,
 }
 
 #[derive(
@@ -269,7 +271,8 @@ pub fn run(args: &Args) -> Result<()> {
     let files = args.images.as_deref().map(list_images).transpose()?;
     let captions = args.captions.as_deref().map(read_captions).transpose()?;
     let cfg = ClipConfig::preset(&args.arch)?;
-    let device = Device::Cpu;
+    let device = crate::device::parse(&args.device)?;
+    eprintln!("device: {}", crate::device::describe(&device));
     let start = std::time::Instant::now();
     let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
     let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;

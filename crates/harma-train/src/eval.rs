@@ -47,6 +47,8 @@ pub struct Args {
     /// Skip bad entries (missing image, empty caption) with a warning instead of stopping
     #[arg(long)]
     pub skip_bad: bool,
+    #[arg(long, default_value = "auto", help = crate::device::HELP)]
+    pub device: String,
 }
 
 /// Where the time of an evaluation went, in seconds. Decoding runs on its own thread while the
@@ -141,7 +143,8 @@ pub fn table(m: &RetrievalMetrics) -> String {
 pub fn run(args: &Args) -> Result<()> {
     let set = load_split(&args.test_json, &args.image_root, args.skip_bad)?;
     let cfg = ClipConfig::preset(&args.arch)?;
-    let device = Device::Cpu;
+    let device = crate::device::parse(&args.device)?;
+    eprintln!("device: {}", crate::device::describe(&device));
     let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
     let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
     let adapters = embed::resolve_adapters(

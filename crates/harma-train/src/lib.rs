@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod device;
 pub mod embed;
 pub mod eval;
 pub mod optim;

@@ -460,7 +460,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     };
     let (val, test) = (split(&cfg.val_json)?, split(&cfg.test_json)?);
     let clip = ClipConfig::preset(&cfg.arch)?;
-    let device = Device::Cpu;
+    let device = crate::device::parse(&cfg.device)?;
+    eprintln!("device: {}", crate::device::describe(&device));
     let tokenizer = ClipTokenizer::new(clip.text.context_length)?;
     let ctx = clip.text.context_length;
     let ids = tokenizer.encode_batch(&pairs.captions)?;

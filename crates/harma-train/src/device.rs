@@ -1,0 +1,63 @@
+//! `--device auto|cpu|cuda|cuda:N`, shared by every command.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// The help text of `--device`.
+pub const HELP: &str = "Where to compute: auto (a CUDA GPU when this binary has CUDA and one \
+                        is visible, else the CPU), cpu, cuda or cuda:N";
+
+/// Parse a `--device` value.
+pub fn parse(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => 0,
+        "auto" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => bail!("--device {s}: expected auto, cpu, cuda or cuda:N"),
+        },
+    };
+    Device::new_cuda(ordinal).map_err(|e| {
+        let advice = if cfg!(feature = "cuda") {
+            "is the GPU visible (nvidia-smi) and the CUDA runtime on LD_LIBRARY_PATH?"
+        } else {
+            "this binary was built without CUDA: build it with `--features cuda` \
+             (docs/CUDA.md), or use --device cpu"
+        };
+        anyhow::anyhow!("--device {spec}: {e}; {advice}")
+    })
+}
+
+/// A short name for messages.
+pub fn describe(d: &Device) -> String {
+    match d {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        if !cfg!(feature = "cuda") {
+            assert!(parse("auto").unwrap().is_cpu());
+            let e = parse("cuda:1").unwrap_err().to_string();
+            assert!(
+                e.contains("built without CUDA") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
+        let e = parse("gpu").unwrap_err().to_string();
+        assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+        assert!(parse("cuda:x").is_err());
+    }
+}
