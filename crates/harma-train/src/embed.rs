@@ -12,16 +12,80 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// File extensions read as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["tif", "tiff", "jpg", "jpeg", "png", "bmp", "webp"];
 
+/// The model flags shared by `embed` and `eval`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct ModelArgs {
     /// CLIP checkpoint: open_clip state dict (.pt/.pth/.bin, plain or under state_dict/model),
-    /// open_clip safetensors, or Hugging Face transformers CLIP safetensors
+    /// open_clip safetensors, or Hugging Face transformers CLIP safetensors; an official HarMA
+    /// checkpoint brings its adapters
     #[arg(long, value_name = "CKPT")]
     pub model: PathBuf,
     /// Architecture preset (GeoRSCLIP, RemoteCLIP and OpenAI weights use QuickGELU;
     /// LAION weights use ViT-B-32); also: tiny, tiny-quickgelu, or a JSON file of sizes
     #[arg(long, default_value = "ViT-B-32-quickgelu")]
     pub arch: String,
+    /// HarMA adapters to apply: an adapters-only safetensors file (a run's adapters.safetensors
+    /// or best.safetensors) or a HarMA checkpoint. Without it, adapters inside --model (an
+    /// official HarMA checkpoint) are used; with neither, the model is plain CLIP (the
+    /// zero-shot baseline)
+    #[arg(long, value_name = "FILE")]
+    pub adapters: Option<PathBuf>,
+    /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
+    #[arg(long, default_value = "text", value_enum)]
+    pub sharing: SharingArg,
+    #[arg(long, default_value = "auto", help = crate::device::HELP)]
+    pub device: String,
+}
+
+/// A loaded model: the backbone, the adapters if any, and where it runs.
+pub struct Loaded {
+    pub config: ClipConfig,
+    pub model: Clip,
+    pub adapters: Option<HarmaAdapters>,
+    pub device: Device,
+}
+
+impl Loaded {
+    pub fn hook(&self) -> Option<&dyn BlockHook> {
+        self.adapters.as_ref().map(|a| a as &dyn BlockHook)
+    }
+}
+
+impl ModelArgs {
+    /// Load the checkpoint and the adapters onto the device.
+    pub fn load(&self) -> Result<Loaded> {
+        let config = ClipConfig::preset(&self.arch)?;
+        let device = crate::device::parse(&self.device)?;
+        eprintln!("device: {}", crate::device::describe(&device));
+        let start = std::time::Instant::now();
+        let mut ckpt = Checkpoint::load(&self.model, &config)?;
+        let model = Clip::from_checkpoint(&ckpt, &config, &device)?;
+        let adapters = resolve_adapters(
+            self.adapters.as_deref(),
+            &mut ckpt,
+            &config,
+            self.sharing.into(),
+            &device,
+        )?;
+        eprintln!(
+            "loaded {} ({}) in {:.1}s",
+            self.model.display(),
+            self.arch,
+            start.elapsed().as_secs_f64()
+        );
+        Ok(Loaded {
+            config,
+            model,
+            adapters,
+            device,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub net: ModelArgs,
     /// Folder of images (tif, tiff, jpg, jpeg, png, bmp, webp), embedded in file-name order
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
@@ -31,19 +95,9 @@ pub struct Args {
     /// Output safetensors file (written atomically)
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
-    /// HarMA adapters to apply: an adapters-only safetensors file or a HarMA checkpoint. Without
-    /// it, adapters inside --model (an official HarMA checkpoint) are used; with neither, the
-    /// model is plain CLIP (the zero-shot baseline)
-    #[arg(long, value_name = "FILE")]
-    pub adapters: Option<PathBuf>,
-    /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
-    #[arg(long, default_value = "text", value_enum)]
-    pub sharing: SharingArg,
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
-    #[arg(long, default_value = "auto", help = crate::device::HELP)]
-    pub device: String,
 }
 
 #[derive(
@@ -270,45 +324,27 @@ pub fn run(args: &Args) -> Result<()> {
     // read the inputs first: a typo in a path fails before the model is loaded
     let files = args.images.as_deref().map(list_images).transpose()?;
     let captions = args.captions.as_deref().map(read_captions).transpose()?;
-    let cfg = ClipConfig::preset(&args.arch)?;
-    let device = crate::device::parse(&args.device)?;
-    eprintln!("device: {}", crate::device::describe(&device));
-    let start = std::time::Instant::now();
-    let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
-    let adapters = resolve_adapters(
-        args.adapters.as_deref(),
-        &mut ckpt,
-        &cfg,
-        args.sharing.into(),
-        &device,
-    )?;
-    drop(ckpt);
-    let hook = adapters.as_ref().map(|a| a as &dyn BlockHook);
-    eprintln!(
-        "loaded {} ({}) in {:.1}s",
-        args.model.display(),
-        args.arch,
-        start.elapsed().as_secs_f64()
-    );
+    let loaded = args.net.load()?;
+    let (model, adapters, device) = (&loaded.model, &loaded.adapters, &loaded.device);
+    let hook = loaded.hook();
     let batch = args.batch_size as usize;
 
     let mut tensors = Vec::new();
     let mut meta = HashMap::new();
-    meta.insert("model".to_string(), args.model.display().to_string());
-    meta.insert("arch".to_string(), args.arch.clone());
+    meta.insert("model".to_string(), args.net.model.display().to_string());
+    meta.insert("arch".to_string(), args.net.arch.clone());
     meta.insert(
         "adapters".to_string(),
-        match (&adapters, &args.adapters) {
+        match (adapters, &args.net.adapters) {
             (None, _) => "none".to_string(),
             (Some(_), Some(p)) => p.display().to_string(),
-            (Some(_), None) => args.model.display().to_string(),
+            (Some(_), None) => args.net.model.display().to_string(),
         },
     );
     if let Some(files) = &files {
         let pb = progress(files.len(), "images");
         let start = std::time::Instant::now();
-        let t = embed_images(&model, hook, files, batch, &device, &pb)?;
+        let t = embed_images(model, hook, files, batch, device, &pb)?;
         pb.finish();
         report(files.len(), "images", start);
         let names: Vec<String> = files
@@ -319,10 +355,10 @@ pub fn run(args: &Args) -> Result<()> {
         tensors.push(("image_embeds", t));
     }
     if let Some(captions) = &captions {
-        let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
+        let tokenizer = ClipTokenizer::new(loaded.config.text.context_length)?;
         let pb = progress(captions.len(), "captions");
         let start = std::time::Instant::now();
-        let t = embed_captions(&model, hook, &tokenizer, captions, batch, &device, &pb)?;
+        let t = embed_captions(model, hook, &tokenizer, captions, batch, device, &pb)?;
         pb.finish();
         report(captions.len(), "captions", start);
         tensors.push(("text_embeds", t));

@@ -7,29 +7,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use harma_clip::{BlockHook, Checkpoint, Clip, ClipConfig, ClipTokenizer};
+use harma_clip::{BlockHook, Clip, ClipTokenizer};
 use harma_data::annotations::{load_evaluation, EvalSet, LoadOptions};
 use harma_metrics::RetrievalMetrics;
 use indicatif::ProgressBar;
 
-use crate::embed::{self, SharingArg};
+use crate::embed;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// CLIP checkpoint (as `harma embed --model`); an official HarMA checkpoint brings its
-    /// adapters
-    #[arg(long, value_name = "CKPT")]
-    pub model: PathBuf,
-    /// Architecture preset (see `harma embed --help`)
-    #[arg(long, default_value = "ViT-B-32-quickgelu")]
-    pub arch: String,
-    /// Adapters to apply (adapters-only safetensors, e.g. a run's adapters.safetensors, or a
-    /// HarMA checkpoint); without any, the zero-shot baseline
-    #[arg(long, value_name = "FILE")]
-    pub adapters: Option<PathBuf>,
-    /// Which blocks hold BiShareAdapter mini-adapters: text (the released code), both, none
-    #[arg(long, default_value = "text", value_enum)]
-    pub sharing: SharingArg,
+    #[command(flatten)]
+    pub net: embed::ModelArgs,
     /// Evaluation annotations: HarMA's format ([{"image", "caption": [five strings]}, ...]), or
     /// your own .csv (`image,caption` lines) or .jsonl ({"image", "caption"} lines), grouped by
     /// image
@@ -47,8 +35,6 @@ pub struct Args {
     /// Skip bad entries (missing image, empty caption) with a warning instead of stopping
     #[arg(long)]
     pub skip_bad: bool,
-    #[arg(long, default_value = "auto", help = crate::device::HELP)]
-    pub device: String,
 }
 
 /// Where the time of an evaluation went, in seconds. Decoding runs on its own thread while the
@@ -142,32 +128,21 @@ pub fn table(m: &RetrievalMetrics) -> String {
 
 pub fn run(args: &Args) -> Result<()> {
     let set = load_split(&args.test_json, &args.image_root, args.skip_bad)?;
-    let cfg = ClipConfig::preset(&args.arch)?;
-    let device = crate::device::parse(&args.device)?;
-    eprintln!("device: {}", crate::device::describe(&device));
-    let mut ckpt = Checkpoint::load(&args.model, &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &device)?;
-    let adapters = embed::resolve_adapters(
-        args.adapters.as_deref(),
-        &mut ckpt,
-        &cfg,
-        args.sharing.into(),
-        &device,
-    )?;
-    drop(ckpt);
+    let loaded = args.net.load()?;
+    let (cfg, adapters) = (&loaded.config, &loaded.adapters);
     if adapters.is_none() {
         eprintln!("no adapters: evaluating plain CLIP (the zero-shot baseline)");
     }
     let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
     let t = Instant::now();
     let (metrics, timings) = evaluate_split(
-        &model,
-        adapters.as_ref().map(|a| a as &dyn BlockHook),
+        &loaded.model,
+        loaded.hook(),
         &tokenizer,
         &set,
         &args.image_root,
         args.batch_size as usize,
-        &device,
+        &loaded.device,
         true,
     )?;
     println!(
@@ -191,8 +166,8 @@ pub fn run(args: &Args) -> Result<()> {
         let json = serde_json::json!({
             "test": metrics,
             "test_json": args.test_json,
-            "model": args.model,
-            "adapters": args.adapters,
+            "model": args.net.model,
+            "adapters": args.net.adapters,
             "images": set.images.len(),
             "captions": set.captions.len(),
             "seconds": timings,

@@ -115,6 +115,17 @@ fn args(dir: &Path, out: &str) -> Args {
     }
 }
 
+/// `harma train` with the data, model and adapters of `a`; the caller adds the rest.
+fn train_command(a: &Args) -> std::process::Command {
+    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harma"));
+    cmd.args(["train", "--train-json", &path(&a.train_json)])
+        .args(["--image-root", &path(&a.image_root)])
+        .args(["--init", &path(&a.init), "--adapters", &path(&a.adapters)])
+        .args(["--arch", a.arch.as_ref().unwrap(), "--out", &path(&a.out)]);
+    cmd
+}
+
 fn log(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("log.jsonl"))
         .unwrap()
@@ -264,23 +275,8 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let dir = temp_dir("cli");
     let a = args(&dir, "run");
     let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
-        .args(["train", "--train-json", &path(&a.train_json)])
-        .args([
-            "--image-root",
-            &path(&a.image_root),
-            "--init",
-            &path(&a.init),
-        ])
-        .args(["--adapters", &path(&a.adapters)])
-        .args([
-            "--arch",
-            a.arch.as_ref().unwrap(),
-            "--batch-size",
-            "4",
-            "--epochs",
-            "1",
-        ])
+    let out = train_command(&a)
+        .args(["--batch-size", "4", "--epochs", "1"])
         .args([
             "--lr",
             "1e-4",
@@ -290,7 +286,6 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
             "--seed",
             "1",
         ])
-        .args(["--out", &path(&a.out)])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -441,31 +436,8 @@ fn a_corrupt_image_stops_training_naming_the_file() -> Result<()> {
 fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
     let dir = temp_dir("sigint");
     let a = args(&dir, "run");
-    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
-        .args(["train", "--train-json", &path(&a.train_json)])
-        .args([
-            "--image-root",
-            &path(&a.image_root),
-            "--init",
-            &path(&a.init),
-        ])
-        .args([
-            "--adapters",
-            &path(&a.adapters),
-            "--arch",
-            a.arch.as_ref().unwrap(),
-        ])
-        .args([
-            "--batch-size",
-            "4",
-            "--steps",
-            "100000",
-            "--lr",
-            "1e-4",
-            "--out",
-            &path(&a.out),
-        ])
+    let child = train_command(&a)
+        .args(["--batch-size", "4", "--steps", "100000", "--lr", "1e-4"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let run = a.out.clone().unwrap();
