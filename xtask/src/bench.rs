@@ -140,10 +140,16 @@ fn block_flops(l: usize, d: usize, mlp: usize) -> f64 {
     2.0 * l * d * (4.0 * d + 2.0 * mlp) + 4.0 * l * l * d
 }
 
+/// The median; of an even count, the mean of the middle two.
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// Run a Python bench script (from the workspace root) with `threads` threads; its stdout is JSON.
