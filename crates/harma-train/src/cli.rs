@@ -41,6 +41,11 @@ pub enum Command {
     /// Example (RSITMD from GeoRSCLIP, the original's settings but one GPU's batch):
     ///
     /// harma train --train-json rsitmd_train.json --image-root rsitmd/images --init RS5M_ViT-B-32_RET-2.pt --batch-size 214 --epochs 80 --lr 4e-6 --out runs/rsitmd
+    ///
+    /// The same from the files `cargo xtask fetch-data` places (docs/DATA.md), with val every
+    /// epoch, best-by-val and test at the end; a smaller batch for a CPU:
+    ///
+    /// harma train --dataset rsitmd --batch-size 32
     Train(Box<train::Args>),
     /// Evaluate image-text retrieval on a split: R@1/5/10 both ways and mR, as HarMA reports.
     ///
