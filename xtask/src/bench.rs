@@ -2,7 +2,6 @@
 //! with the same workloads run by open_clip in PyTorch in the same invocation when
 //! `--torch-python` is given. Prints a table and writes JSON.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -257,15 +256,9 @@ fn train_pairs_per_s(
     use harma_adapters::{AdapterConfig, HarmaAdapters};
     let device = pixels.device();
     let acfg = AdapterConfig::default();
-    let mut tensors = HashMap::new();
-    for (name, shape) in harma_adapters::expected_shapes(cfg, &acfg) {
-        let t = if shape.is_empty() {
-            Tensor::new(if name == "temp" { 0.07f32 } else { 0.6 }, device)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape, device)?
-        };
-        tensors.insert(name, t);
-    }
+    // fresh adapters as a run starts with them (the values do not change the work)
+    let mut rng = harma_data::rng::Rng::new(1);
+    let tensors = harma_adapters::init_tensors(cfg, &acfg, &mut || rng.uniform(), device)?;
     let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, device)?;
     let mut opt = harma_train::optim::AdamW::new(vars, Default::default())?;
     let b = pixels.dim(0)?;

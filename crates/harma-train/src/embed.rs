@@ -206,19 +206,7 @@ pub fn progress(n: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// Embed images in batches; decoding runs on a second thread one batch ahead of the model.
-pub fn embed_images(
-    model: &Clip,
-    hook: Option<&dyn BlockHook>,
-    files: &[PathBuf],
-    batch: usize,
-    device: &Device,
-    pb: &ProgressBar,
-) -> Result<Tensor> {
-    Ok(embed_images_timed(model, hook, files, batch, device, pb)?.0)
-}
-
-/// Busy seconds of the two sides of [`embed_images_timed`].
+/// Busy seconds of the two sides of [`embed_images`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Busy {
     /// decoding, resizing and normalising (the producer thread)
@@ -227,8 +215,9 @@ pub struct Busy {
     pub embed: f64,
 }
 
-/// [`embed_images`], also returning where the time went.
-pub fn embed_images_timed(
+/// Embed images in batches; decoding runs on a second thread one batch ahead of the model.
+/// Returns the embeddings and where the time went.
+pub fn embed_images(
     model: &Clip,
     hook: Option<&dyn BlockHook>,
     files: &[PathBuf],
@@ -344,7 +333,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(files) = &files {
         let pb = progress(files.len(), "images");
         let start = std::time::Instant::now();
-        let t = embed_images(model, hook, files, batch, device, &pb)?;
+        let (t, _) = embed_images(model, hook, files, batch, device, &pb)?;
         pb.finish();
         report(files.len(), "images", start);
         let names: Vec<String> = files

@@ -63,15 +63,19 @@ pub fn load_split(json: &Path, image_root: &Path, skip_bad: bool) -> Result<Eval
             ..LoadOptions::default()
         },
     )?;
-    if !set.skipped.is_empty() {
+    warn_skipped(json, &set.skipped);
+    Ok(set)
+}
+
+/// The warning for entries `--skip-bad` dropped from `file`.
+pub(crate) fn warn_skipped(file: &Path, skipped: &[String]) {
+    if let Some(first) = skipped.first() {
         eprintln!(
-            "warning: skipped {} bad entries of {}, first: {}",
-            set.skipped.len(),
-            json.display(),
-            set.skipped[0]
+            "warning: skipped {} bad entries of {}, first: {first}",
+            skipped.len(),
+            file.display()
         );
     }
-    Ok(set)
 }
 
 /// Embed a split and compute its metrics.
@@ -96,7 +100,7 @@ pub fn evaluate_split(
     };
     let t = Instant::now();
     let pb = bar(files.len(), "images");
-    let (img, busy) = embed::embed_images_timed(model, hook, &files, batch, device, &pb)?;
+    let (img, busy) = embed::embed_images(model, hook, &files, batch, device, &pb)?;
     pb.finish_and_clear();
     timings.images = t.elapsed().as_secs_f64();
     timings.decode = busy.decode;

@@ -110,24 +110,15 @@ impl Plan {
             .collect()
     }
 
-    /// Whether val is evaluated after `done` steps.
-    pub fn validates_after(&self, done: usize, val_every: usize) -> bool {
-        done == self.total
-            || if val_every > 0 {
-                done.is_multiple_of(val_every)
-            } else {
-                done.is_multiple_of(self.steps_per_epoch)
-            }
-    }
-
-    /// Whether a checkpoint is written after `done` steps.
-    pub fn saves_after(&self, done: usize, save_every: usize) -> bool {
-        done == self.total
-            || if save_every > 0 {
-                done.is_multiple_of(save_every)
-            } else {
-                done.is_multiple_of(self.steps_per_epoch)
-            }
+    /// Whether an event that comes every `every` steps (0: at each epoch end) and at the end is
+    /// due after `done` steps: val (`--val-every`) and checkpoints (`--save-every`).
+    pub fn due_after(&self, done: usize, every: usize) -> bool {
+        let period = if every > 0 {
+            every
+        } else {
+            self.steps_per_epoch
+        };
+        done == self.total || done.is_multiple_of(period)
     }
 }
 
@@ -205,17 +196,13 @@ struct Evaluator {
 }
 
 impl Evaluator {
-    /// Metrics of `split` with the adapters' current values (detached: no graph is kept).
+    /// Metrics of `split` with the given adapter tensors.
     fn run(
         &self,
         model: &Clip,
-        vars: &[(String, Var)],
+        tensors: HashMap<String, Tensor>,
         split: &EvalSet,
     ) -> Result<RetrievalMetrics> {
-        let tensors = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
         let adapters = HarmaAdapters::from_tensors(tensors, &self.clip, &self.acfg, &self.device)?;
         let (m, _) = crate::eval::evaluate_split(
             model,
@@ -229,6 +216,13 @@ impl Evaluator {
         )?;
         Ok(m)
     }
+}
+
+/// The trained tensors' current values, detached: evaluating them keeps no graph.
+fn detached(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect()
 }
 
 /// A prepared batch.
@@ -300,6 +294,19 @@ fn initial_state(
     })
 }
 
+/// The header metadata of the adapter files a run writes.
+fn checkpoint_meta(step: usize, cfg: &TrainConfig) -> Result<HashMap<String, String>> {
+    let sharing = toml::Value::try_from(cfg.sharing)?;
+    Ok(HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("arch".to_string(), cfg.arch.clone()),
+        (
+            "sharing".to_string(),
+            sharing.as_str().unwrap_or("").to_string(),
+        ),
+    ]))
+}
+
 fn resume_path(dir: &Path) -> PathBuf {
     dir.join("resume.safetensors")
 }
@@ -318,17 +325,7 @@ fn save(dir: &Path, st: &State, step: usize, plan: &Plan, cfg: &TrainConfig) -> 
             bail!("`{name}` holds NaN or infinite values after step {step}: not saved");
         }
     }
-    let mut meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        ("arch".to_string(), cfg.arch.clone()),
-        (
-            "sharing".to_string(),
-            toml::Value::try_from(cfg.sharing)?
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-        ),
-    ]);
+    let mut meta = checkpoint_meta(step, cfg)?;
     crate::optim::save_trained_with(&dir.join("adapters.safetensors"), &st.vars, meta.clone())?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (name, v) in &st.vars {
@@ -427,14 +424,7 @@ fn load_pairs(cfg: &TrainConfig) -> Result<PairSet> {
         image_root: Some(cfg.image_root.clone()),
     };
     let set = harma_data::annotations::load_training(&cfg.train_json, &opts)?;
-    if !set.skipped.is_empty() {
-        eprintln!(
-            "warning: skipped {} bad entries of {}, first: {}",
-            set.skipped.len(),
-            cfg.train_json.display(),
-            set.skipped[0]
-        );
-    }
+    crate::eval::warn_skipped(&cfg.train_json, &set.skipped);
     Ok(set)
 }
 
@@ -462,6 +452,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     let clip = ClipConfig::preset(&cfg.arch)?;
     let device = crate::device::parse(&cfg.device)?;
     eprintln!("device: {}", crate::device::describe(&device));
+    // one tokenizer: for the training captions now, for val and test later
     let tokenizer = ClipTokenizer::new(clip.text.context_length)?;
     let ctx = clip.text.context_length;
     let ids = tokenizer.encode_batch(&pairs.captions)?;
@@ -494,7 +485,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     let evaluator = Evaluator {
         val,
         test,
-        tokenizer: ClipTokenizer::new(clip.text.context_length)?,
+        tokenizer,
         clip: clip.clone(),
         acfg: acfg.clone(),
         image_root: cfg.image_root.clone(),
@@ -629,9 +620,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             let stop = control.stop.load(Ordering::SeqCst)
                 || control.stop_after.is_some_and(|s| done >= s);
             if let Some(val) = &evaluator.val {
-                if plan.validates_after(done, cfg.val_every) {
+                if plan.due_after(done, cfg.val_every) {
                     pb.set_message("evaluating val".to_string());
-                    let m = evaluator.run(&model, &st.vars, val)?;
+                    let m = evaluator.run(&model, detached(&st.vars), val)?;
                     let entry = ValEntry {
                         step: done,
                         epoch: plan.epoch(k) + 1,
@@ -660,7 +651,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
                     });
                 }
             }
-            if stop || plan.saves_after(done, cfg.save_every) {
+            if stop || plan.due_after(done, cfg.save_every) {
                 save(dir, &st, done, &plan, cfg)?;
                 last_saved = Some(done);
             }
@@ -689,11 +680,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
 }
 
 fn save_best(dir: &Path, st: &State, step: usize, cfg: &TrainConfig) -> Result<()> {
-    let meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        ("arch".to_string(), cfg.arch.clone()),
-        ("selected_by".to_string(), "val r_mean".to_string()),
-    ]);
+    let mut meta = checkpoint_meta(step, cfg)?;
+    meta.insert("selected_by".into(), "val r_mean".into());
     crate::optim::save_trained_with(&dir.join("best.safetensors"), &st.vars, meta)
 }
 
@@ -722,16 +710,15 @@ fn final_test(
     if record.test.is_some() {
         return Ok(());
     }
-    let (file, step, vars) = match &record.best {
+    let (file, step, tensors) = match &record.best {
         Some(best) => {
             let tensors = harma_clip::checkpoint::load_adapters(&dir.join("best.safetensors"))?;
-            let (_, vars) = HarmaAdapters::trainable(tensors, &ev.clip, &ev.acfg, &ev.device)?;
-            ("best.safetensors", best.step, vars)
+            ("best.safetensors", best.step, tensors)
         }
-        None => ("adapters.safetensors", steps, st.vars.clone()),
+        None => ("adapters.safetensors", steps, detached(&st.vars)),
     };
     eprintln!("evaluating test with {file} (step {step})");
-    let m = ev.run(model, &vars, test)?;
+    let m = ev.run(model, tensors, test)?;
     println!("test ({file}, step {step}):\n{}", crate::eval::table(&m));
     record.test = Some(TestEntry {
         adapters: file.to_string(),
