@@ -500,6 +500,32 @@ impl candle_core::CustomOp3 for LinearBias {
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
+    /// On a GPU: the backend's own GEMM and broadcast add ([`linear_bias_storage`]), so that
+    /// the backward below, which skips frozen weights, serves there too.
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        linear_bias_storage(xs, xl, ws, wl, bs, bl)
+    }
+
+    fn metal_fwd(
+        &self,
+        xs: &candle_core::MetalStorage,
+        xl: &Layout,
+        ws: &candle_core::MetalStorage,
+        wl: &Layout,
+        bs: &candle_core::MetalStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        linear_bias_storage(xs, xl, ws, wl, bs, bl)
+    }
+
     /// The input's gradient always; the weight's and bias's only when they are trained (a
     /// frozen weight is a plain tensor: no gradient is computed or kept for it).
     fn bwd(
@@ -515,6 +541,32 @@ impl candle_core::CustomOp3 for LinearBias {
         let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
         Ok((gx, gw, gb))
     }
+}
+
+/// `x @ w_t + b` on any backend through its own GEMM and broadcast add: `x` [rows, in],
+/// `w_t` [in, out], `b` [out], any dtype the backend multiplies.
+pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
+    xs: &S,
+    xl: &Layout,
+    ws: &S,
+    wl: &Layout,
+    bs: &S,
+    bl: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (rows, inp) = xl.shape().dims2()?;
+    let (inp2, out) = wl.shape().dims2()?;
+    if inp != inp2 || bl.dims() != [out] {
+        candle_core::bail!(
+            "linear: x {:?}, w {:?}, b {:?}",
+            xl.dims(),
+            wl.dims(),
+            bl.dims()
+        );
+    }
+    let y = xs.matmul(ws, (1, rows, out, inp), xl, wl)?;
+    let yl = Layout::contiguous((rows, out));
+    let y = y.binary_impl::<candle_core::op::Add>(bs, &yl, &bl.broadcast_as((rows, out))?)?;
+    Ok((y, yl.shape().clone()))
 }
 
 /// Layer norm over the last dimension, `x` [rows, d], `w` and `b` [d]. The backward gives the
@@ -602,6 +654,48 @@ mod tests {
         // clamped below: no denormals or NaN from large negative inputs
         assert_eq!(fast_exp(-200.0), fast_exp(-87.0));
         assert!(fast_exp(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    /// The GPU's linear (the backend's GEMM and add, here run by the CPU backend) equals the
+    /// fused CPU kernel and the plain formula.
+    #[test]
+    fn the_backend_linear_equals_the_fused_kernel() -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor};
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (37, 24), &dev)?;
+        let w_t = Tensor::randn(0f32, 1.0, (24, 19), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 19, &dev)?;
+        let fused = x.apply_op3(&w_t, &b, LinearBias)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w_t.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (y, shape) = match (&*xs, &*ws, &*bs) {
+            (
+                candle_core::Storage::Cpu(xs),
+                candle_core::Storage::Cpu(ws),
+                candle_core::Storage::Cpu(bs),
+            ) => linear_bias_storage(xs, xl, ws, wl, bs, bl)?,
+            _ => unreachable!("CPU tensors"),
+        };
+        assert_eq!(shape.dims(), [37, 19]);
+        let y = match y {
+            CpuStorage::F32(v) => v,
+            _ => unreachable!("f32 in, f32 out"),
+        };
+        let want = x
+            .matmul(&w_t)?
+            .broadcast_add(&b)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let got = fused.flatten_all()?.to_vec1::<f32>()?;
+        for ((a, f), w) in y.iter().zip(&got).zip(&want) {
+            assert!((a - w).abs() < 1e-4 && (f - w).abs() < 1e-4, "{a} {f} {w}");
+        }
+        // a misshapen bias is refused with the shapes named
+        let bad = Tensor::zeros(18, candle_core::DType::F32, &dev)?;
+        let err = x.apply_op3(&w_t, &bad, LinearBias).unwrap_err().to_string();
+        assert!(err.contains("[18]"), "{err}");
+        Ok(())
     }
 
     #[test]

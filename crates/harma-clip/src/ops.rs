@@ -4,6 +4,8 @@
 //! frozen weights). Elsewhere, or with [`set_generic_ops`], they are compositions of Candle's
 //! basic ops, every one differentiable (Candle's own fused softmax and layer norm have no
 //! backward, so they are not used): the reference path, and the naive baseline of the bench.
+//! On a GPU the linear layers still skip frozen-weight gradients (`kernels::LinearBias` runs
+//! the backend's own GEMM there) unless [`set_generic_ops`] is on.
 
 use candle_core::{DType, Module, Tensor, D};
 
@@ -56,24 +58,37 @@ impl Linear {
         })
     }
 
+    /// A frozen layer with its weight and bias in `dtype` (bf16: mixed precision, the input
+    /// is cast to it for the product and the result back); a trained one is left as it is.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match &self.weight {
+            Weight::Frozen(w) => Self {
+                weight: Weight::Frozen(w.to_dtype(dtype)?),
+                bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
+            },
+            Weight::Trained(_) => self.clone(),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let weight_t = self.weight_t()?;
         // one 2-d matmul over every row: the largest GEMM Candle can run
-        let x2 = x.reshape((rows, last))?;
+        let x2 = x.reshape((rows, last))?.to_dtype(weight_t.dtype())?;
         let y = match &self.bias {
-            Some(b) if fused_cpu(x) => {
-                x2.contiguous()?
-                    .apply_op3(&weight_t, b, kernels::LinearBias)?
-            }
+            // the fused CPU kernel, or the backend's GEMM elsewhere: both with a backward that
+            // skips frozen weights
+            Some(b) if fused_cpu(&x2) || (!generic() && !x2.device().is_cpu()) => x2
+                .contiguous()?
+                .apply_op3(&weight_t, b, kernels::LinearBias)?,
             Some(b) => x2.matmul(&weight_t)?.broadcast_add(b)?,
             None => x2.matmul(&weight_t)?,
         };
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;
-        Ok(y.reshape(out)?)
+        Ok(y.reshape(out)?.to_dtype(x.dtype())?)
     }
 }
 
@@ -135,9 +150,13 @@ pub fn set_generic_ops(on: bool) -> bool {
     GENERIC.with(|g| g.replace(on))
 }
 
+fn generic() -> bool {
+    GENERIC.with(|g| g.get())
+}
+
 /// Whether the fused CPU kernels of `kernels` apply to `x`.
 fn fused_cpu(x: &Tensor) -> bool {
-    !GENERIC.with(|g| g.get()) && x.device().is_cpu() && x.dtype() == DType::F32
+    !generic() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `x * sigmoid(1.702 x)`.

@@ -119,6 +119,31 @@ fn every_checkpoint_layout_gives_the_same_embeddings() -> Result<()> {
     )
 }
 
+/// Mixed precision: the frozen linear layers in bf16 stay close to open_clip's f32 embeddings
+/// (bf16 keeps 8 bits of mantissa), and really run in bf16 (they are not exact).
+#[test]
+fn bf16_linear_layers_stay_close_to_open_clip() -> Result<()> {
+    let cfg = tiny(Activation::QuickGelu);
+    let ckpt = Checkpoint::load(&fixtures().join("tiny/open_clip.safetensors"), &cfg)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?.with_linear_dtype(DType::BF16)?;
+    match &model.visual.blocks[0].c_fc.weight {
+        harma_clip::ops::Weight::Frozen(w) => assert_eq!(w.dtype(), DType::BF16),
+        _ => panic!("the backbone's layers are frozen"),
+    }
+    let inputs = load_st(&fixtures().join("tiny/expected.safetensors"))?;
+    let want = load_st(&fixtures().join("tiny/expected.safetensors"))?;
+    let ids = inputs["ids"].to_dtype(DType::U32)?;
+    let img = model.encode_image(&inputs["pixels"], None)?;
+    let txt = model.encode_text(&ids, None)?;
+    assert_eq!((img.dtype(), txt.dtype()), (DType::F32, DType::F32));
+    for (got, key) in [(&img, "quickgelu_image"), (&txt, "quickgelu_text")] {
+        let err = max_abs_diff(got, &want[key])?;
+        eprintln!("bf16 {key}: max abs err {err:.2e}");
+        assert!(err < 2e-2 && err > 1e-5, "{key}: {err}");
+    }
+    Ok(())
+}
+
 #[test]
 fn text_shortening_at_eot_changes_nothing() -> Result<()> {
     // the causal text tower is cut after the batch's last EOT; one row of full length

@@ -105,6 +105,9 @@ pub struct TrainConfig {
     pub dataset: Option<Dataset>,
     #[serde(default = "d::device")]
     pub device: String,
+    /// the backbone's linear layers: f32 or bf16
+    #[serde(default = "d::precision")]
+    pub precision: String,
 }
 
 /// The datasets with presets; their files sit under `--data-dir` as docs/DATA.md lays out.
@@ -193,6 +196,9 @@ mod d {
     }
     pub fn device() -> String {
         "auto".into()
+    }
+    pub fn precision() -> String {
+        "f32".into()
     }
 }
 
@@ -316,6 +322,11 @@ pub struct Args {
     /// the CPU), cpu, cuda or cuda:N [default: auto]
     #[arg(long)]
     pub device: Option<String>,
+    /// The frozen backbone's linear layers: f32, or bf16 (mixed precision: half their memory
+    /// and GPU tensor-core speed; adapters and optimiser stay f32; slow on the CPU)
+    /// [default: f32]
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Where the dataset presets look [default: data]
     #[arg(long, value_name = "DIR")]
     #[serde(skip)]
@@ -429,6 +440,7 @@ impl TrainConfig {
             (Some(0), _) | (_, Some(0)) => bail!("--steps/--epochs must be at least 1"),
             _ => {}
         }
+        crate::device::parse_precision(&self.precision)?;
         if self.batch_size == 0 || self.eval_batch_size == 0 {
             bail!("--batch-size and --eval-batch-size must be at least 1");
         }

@@ -7,6 +7,20 @@ use candle_core::Device;
 pub const HELP: &str = "Where to compute: auto (a CUDA GPU when this binary has CUDA and one \
                         is visible, else the CPU), cpu, cuda or cuda:N";
 
+pub const PRECISION_HELP: &str = "The frozen backbone's linear layers: f32, or bf16 (mixed \
+                                  precision: half their memory and GPU tensor-core speed; layer \
+                                  norms, attention, adapters and optimiser stay f32; slow on \
+                                  the CPU)";
+
+/// Parse a `--precision` value into the dtype of the backbone's linear layers.
+pub fn parse_precision(spec: &str) -> Result<candle_core::DType> {
+    match spec {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        s => bail!("--precision {s}: expected f32 or bf16"),
+    }
+}
+
 /// Parse a `--device` value.
 pub fn parse(spec: &str) -> Result<Device> {
     let ordinal = match spec {

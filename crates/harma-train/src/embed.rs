@@ -35,6 +35,8 @@ pub struct ModelArgs {
     pub sharing: SharingArg,
     #[arg(long, default_value = "auto", help = crate::device::HELP)]
     pub device: String,
+    #[arg(long, default_value = "f32", help = crate::device::PRECISION_HELP)]
+    pub precision: String,
 }
 
 /// A loaded model: the backbone, the adapters if any, and where it runs.
@@ -56,10 +58,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
         let config = ClipConfig::preset(&self.arch)?;
         let device = crate::device::parse(&self.device)?;
+        let dtype = crate::device::parse_precision(&self.precision)?;
         eprintln!("device: {}", crate::device::describe(&device));
         let start = std::time::Instant::now();
         let mut ckpt = Checkpoint::load(&self.model, &config)?;
-        let model = Clip::from_checkpoint(&ckpt, &config, &device)?;
+        let model = Clip::from_checkpoint(&ckpt, &config, &device)?.with_linear_dtype(dtype)?;
         let adapters = resolve_adapters(
             self.adapters.as_deref(),
             &mut ckpt,

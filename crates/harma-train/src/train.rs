@@ -451,6 +451,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     let (val, test) = (split(&cfg.val_json)?, split(&cfg.test_json)?);
     let clip = ClipConfig::preset(&cfg.arch)?;
     let device = crate::device::parse(&cfg.device)?;
+    let dtype = crate::device::parse_precision(&cfg.precision)?;
     eprintln!("device: {}", crate::device::describe(&device));
     // one tokenizer: for the training captions now, for val and test later
     let tokenizer = ClipTokenizer::new(clip.text.context_length)?;
@@ -459,7 +460,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     crate::embed::check_vocab(&ids, &clip)?;
 
     let mut ckpt = Checkpoint::load(&cfg.init, &clip)?;
-    let model = Clip::from_checkpoint(&ckpt, &clip, &device)?;
+    let model = Clip::from_checkpoint(&ckpt, &clip, &device)?.with_linear_dtype(dtype)?;
     let acfg = AdapterConfig {
         sharing: cfg.sharing.into(),
         ..AdapterConfig::default()

@@ -40,26 +40,40 @@ fn read(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
+/// `harma embed` with the fixture model (tests/fixtures/cli) writing `out`, plus `extra` flags.
+fn embed_fixture_model(out: &Path, extra: &[&str]) -> std::process::Output {
+    let f = fixtures();
+    let (model, arch) = (f.join("cli/model.safetensors"), f.join("cli/config.json"));
+    let mut args = vec![
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--arch",
+        arch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    harma(&args)
+}
+
 #[test]
 fn embed_matches_open_clip_on_files() {
     let dir = temp_dir("embed");
     let out = dir.join("embeds.safetensors");
     let f = fixtures();
-    let o = harma(&[
-        "embed",
-        "--model",
-        f.join("cli/model.safetensors").to_str().unwrap(),
-        "--arch",
-        f.join("cli/config.json").to_str().unwrap(),
-        "--images",
-        f.join("images").to_str().unwrap(),
-        "--captions",
-        f.join("cli/captions.txt").to_str().unwrap(),
-        "--batch-size",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let caps = f.join("cli/captions.txt");
+    let o = embed_fixture_model(
+        &out,
+        &[
+            "--images",
+            f.join("images").to_str().unwrap(),
+            "--captions",
+            caps.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ours = read(&out);
     let want = read(&f.join("cli/expected.safetensors"));
@@ -84,6 +98,21 @@ fn embed_matches_open_clip_on_files() {
     // nothing but the output is left behind
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(left.len(), 1);
+    // mixed precision stays close to open_clip's f32 embeddings
+    let out16 = dir.join("bf16.safetensors");
+    let o = embed_fixture_model(
+        &out16,
+        &["--captions", caps.to_str().unwrap(), "--precision", "bf16"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, _, a) = &read(&out16)[0];
+    let err = a
+        .iter()
+        .zip(&want[1].2)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("bf16 captions: max abs err {err:.2e}");
+    assert!(err < 3e-2 && err > 1e-6, "bf16 captions: max abs err {err}");
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -93,32 +122,13 @@ fn embed_errors_name_the_culprit_and_write_nothing() {
     let f = fixtures();
     let out = dir.join("o.safetensors");
     let model = f.join("cli/model.safetensors");
-    let arch = f.join("cli/config.json");
     // a corrupt image among good ones
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     std::fs::copy(f.join("images/grey.png"), imgs.join("a.png")).unwrap();
     std::fs::write(imgs.join("b.tif"), b"II*\0 not really a tiff").unwrap();
-    let args = |extra: &[&str]| {
-        let mut v = vec![
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--arch",
-            arch.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
     let run = |extra: &[&str]| {
-        let a = args(extra);
-        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-        let o = harma(&a);
+        let o = embed_fixture_model(&out, extra);
         assert!(!o.status.success());
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
@@ -135,6 +145,12 @@ fn embed_errors_name_the_culprit_and_write_nothing() {
     assert!(err.contains("missing.txt"), "{err}");
     let err = run(&[]);
     assert!(err.contains("--images"), "{err}");
+    let caps = f.join("cli/captions.txt");
+    let err = run(&["--captions", caps.to_str().unwrap(), "--precision", "fp16"]);
+    assert!(
+        err.contains("--precision fp16: expected f32 or bf16"),
+        "{err}"
+    );
     // the wrong architecture for the checkpoint
     let o = harma(&[
         "embed",

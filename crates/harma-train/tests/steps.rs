@@ -94,6 +94,47 @@ fn three_steps_follow_the_original() -> Result<()> {
     Ok(())
 }
 
+/// Mixed precision: with the backbone's linear layers in bf16, every adapter tensor still gets
+/// its gradient, pointing where the original's f32 gradient points (grads.safetensors).
+#[test]
+fn bf16_backbone_gradients_follow_the_original() -> Result<()> {
+    let mut s = Setup::new()?;
+    s.model = s.model.with_linear_dtype(DType::BF16)?;
+    let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
+    let grads = s.loss()?.total.backward()?;
+    let (mut diff2, mut norm2) = (0f64, 0f64);
+    let mut worst = (1f64, String::new());
+    for (name, var) in &s.vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reached {name}"));
+        let key = match name.as_str() {
+            "temp" => "grad.temp".to_string(),
+            n => format!("grad.model.{n}"),
+        };
+        let (g, w) = (g.flatten_all()?, want[&key].flatten_all()?);
+        let dot = (&g * &w)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let (gg, ww) = (
+            g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+            w.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+        );
+        assert!(gg > 0.0, "{name}: zero gradient");
+        diff2 += gg - 2.0 * dot + ww;
+        norm2 += ww;
+        let cos = dot / (gg * ww).sqrt();
+        if cos < worst.0 {
+            worst = (cos, name.clone());
+        }
+    }
+    let rel = (diff2 / norm2).sqrt();
+    eprintln!(
+        "bf16 backbone: gradient error {rel:.1e} of its norm; lowest cosine {:.4} ({})",
+        worst.0, worst.1
+    );
+    assert!(rel < 0.05 && worst.0 > 0.9, "{rel} {worst:?}");
+    Ok(())
+}
+
 #[test]
 fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
     let s = Setup::new()?;
