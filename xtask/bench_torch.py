@@ -1,5 +1,6 @@
 """The PyTorch side of `cargo xtask bench`: open_clip ViT-B-32-quickgelu with random weights,
-the same batch and captions as the Rust side, threads from OMP_NUM_THREADS. Prints JSON."""
+the same batch and captions as the Rust side, threads from OMP_NUM_THREADS, on --device (cpu or
+cuda). Prints JSON (on a GPU with the peak memory PyTorch reserved)."""
 import argparse
 import json
 import os
@@ -11,28 +12,40 @@ import open_clip
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--iters", type=int, default=6)
+p.add_argument("--device", default="cpu")
 a = p.parse_args()
+dev = torch.device(a.device)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval().to(dev)
 tok = open_clip.get_tokenizer("ViT-B-32")
 with open("data/annotations/rsitmd_test.json") as f:
     caps = [c for e in json.load(f) for c in e["caption"]][: a.batch]
-ids = tok(caps)
-pixels = torch.randn(a.batch, 3, 224, 224)
+ids = tok(caps).to(dev)
+pixels = torch.randn(a.batch, 3, 224, 224, device=dev)
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def rate(fn):
     fn()
+    sync()
     t = time.perf_counter()
     for _ in range(a.iters):
         fn()
+    sync()
     return a.batch * a.iters / (time.perf_counter() - t)
 
 
 with torch.inference_mode():
-    x, y = torch.randn(1600, 768), torch.randn(768, 3072)
+    x, y = torch.randn(1600, 768, device=dev), torch.randn(768, 3072, device=dev)
     mm = rate(lambda: x @ y) / a.batch * 2 * 1600 * 768 * 3072 / 1e9
     img = rate(lambda: model.encode_image(pixels, normalize=True))
     txt = rate(lambda: model.encode_text(ids, normalize=True))
-print(json.dumps({"matmul_gflops": mm, "images_per_s": img, "captions_per_s": txt,
-                  "torch": torch.__version__, "threads": torch.get_num_threads()}))
+out = {"matmul_gflops": mm, "images_per_s": img, "captions_per_s": txt,
+       "torch": torch.__version__, "threads": torch.get_num_threads()}
+if dev.type == "cuda":
+    out["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 1e9
+print(json.dumps(out))

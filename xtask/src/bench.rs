@@ -84,7 +84,7 @@ fn step_in_child(naive: bool, b: usize, iters: usize) -> Result<serde_json::Valu
 }
 
 /// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
-fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
+pub(crate) fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
     let mut rng = harma_data::rng::Rng::new(0);
     let map = harma_clip::checkpoint::random_backbone(
         cfg,
@@ -99,7 +99,7 @@ fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
 }
 
 /// A hook that changes nothing but, like HarMA's text adapters, needs every position.
-struct FullContext;
+pub(crate) struct FullContext;
 
 impl BlockHook for FullContext {
     fn mlp_out(&self, _: Tower, _: usize, m: &Tensor) -> harma_clip::Result<Tensor> {
@@ -108,7 +108,7 @@ impl BlockHook for FullContext {
 }
 
 /// RSITMD test captions, the caption-length distribution of the real task.
-fn captions(n: usize) -> Result<Vec<String>> {
+pub(crate) fn captions(n: usize) -> Result<Vec<String>> {
     let path = "data/annotations/rsitmd_test.json";
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
@@ -124,7 +124,7 @@ fn captions(n: usize) -> Result<Vec<String>> {
 }
 
 /// Items per second over `iters` timed calls after one warm-up call.
-fn rate(items: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn rate(items: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let t = Instant::now();
     for _ in 0..iters {
@@ -152,7 +152,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Run a Python bench script (from the workspace root) with `threads` threads; its stdout is JSON.
-fn run_python(
+pub(crate) fn run_python(
     py: &PathBuf,
     script: &str,
     args: &[&std::ffi::OsStr],
@@ -232,7 +232,7 @@ fn eval_rsitmd_sized(model: &Clip, cfg: &ClipConfig, batch: usize) -> Result<ser
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in GB.
-fn peak_rss_gb() -> f64 {
+pub(crate) fn peak_rss_gb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -246,7 +246,7 @@ fn peak_rss_gb() -> f64 {
 
 /// Training pairs per second: forward of both towers with random ViT-B/32 adapters, the HarMA
 /// objective, backward (adapters only) and an AdamW update, at batch `b`.
-fn train_pairs_per_s(
+pub(crate) fn train_pairs_per_s(
     model: &Clip,
     cfg: &ClipConfig,
     pixels: &Tensor,
@@ -269,7 +269,7 @@ fn train_pairs_per_s(
         let loss =
             harma_loss::harma_loss(&img, &txt, &adapters.temp, &image_ids, &Default::default())?;
         opt.step(&loss.total.backward()?, 1e-4)?;
-        Ok(())
+        Ok(device.synchronize()?)
     })
 }
 
@@ -477,7 +477,7 @@ pub fn run(args: &Args) -> Result<()> {
     json.insert("threads".into(), threads.into());
     json.insert("batch".into(), b.into());
     if let Some(p) = &args.json {
-        std::fs::write(p, serde_json::to_string_pretty(&json)?)?;
+        crate::write_json(p, &serde_json::Value::Object(json))?;
         println!("wrote {}", p.display());
     }
     Ok(())

@@ -1,7 +1,10 @@
-//! Project tasks: `cargo xtask bench`, `cargo xtask fetch-data`. One module per command.
+//! Project tasks: `cargo xtask bench`, `fetch-data`, `build-cuda`, `gpu-check`. One module per
+//! command.
 
 mod bench;
+mod cuda;
 mod fetch;
+mod gpucheck;
 
 // Candle allocates a fresh buffer per op; mimalloc reuses freed pages where glibc returns
 // large blocks to the kernel and takes a page fault on every first touch.
@@ -23,22 +26,43 @@ enum Command {
     Bench(bench::Args),
     /// Download models and datasets into the data/ layout (docs/DATA.md, docs/SOURCES.md)
     FetchData(fetch::Args),
+    /// Build CUDA binaries of harma and xtask on a machine without a GPU (docs/CUDA.md)
+    BuildCuda(cuda::Args),
+    /// On a GPU: parity with the CPU, throughput and memory, PyTorch beside us (docs/CUDA.md)
+    GpuCheck(gpucheck::Args),
     /// One training-step measurement in this process (run by `bench`, one process per mode)
     #[command(hide = true)]
     BenchStep(bench::StepArgs),
+    /// One gpu-check measurement in this process
+    #[command(hide = true)]
+    GpuStep(gpucheck::StepArgs),
+}
+
+/// Write JSON through a temporary file, so that a reader never sees half of it.
+pub(crate) fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    harma_train::output::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 fn main() {
     harma_train::keep_freed_memory();
     let cli = Cli::parse();
-    // xtask runs from anywhere in the workspace; paths are relative to its root
-    let result = std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .map_err(anyhow::Error::from)
-        .and_then(|()| match cli.command {
-            Command::Bench(args) => bench::run(&args),
-            Command::BenchStep(args) => bench::run_step(&args),
-            Command::FetchData(args) => fetch::run(&args),
-        });
+    // xtask runs from anywhere in the workspace; paths are relative to its root. A binary
+    // carried to another machine (gpu-check) runs from the checkout it is started in.
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    if root.join("Cargo.toml").is_file() {
+        if let Err(e) = std::env::set_current_dir(root) {
+            eprintln!("error: cannot enter {}: {e}", root.display());
+            std::process::exit(1);
+        }
+    }
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
+        Command::BenchStep(args) => bench::run_step(&args),
+        Command::FetchData(args) => fetch::run(&args),
+        Command::BuildCuda(args) => cuda::run(&args),
+        Command::GpuCheck(args) => gpucheck::run(&args),
+        Command::GpuStep(args) => gpucheck::run_step(&args),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
