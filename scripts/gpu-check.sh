@@ -8,7 +8,7 @@
 # are found by itself). No Rust toolchain.
 #
 # Settings (environment):
-#   XTASK         the xtask binary                  [target/cuda-dist/xtask]
+#   XTASK         the xtask binary, or XTASK.gz     [target/cuda-dist/xtask]
 #   DEVICE        cuda, cuda:N or cpu               [cuda]
 #   MODEL         vit-b32 or tiny                   [vit-b32]
 #   BATCHES       comma-separated batch sizes       [32,214]
@@ -31,6 +31,11 @@ log="$REPORT_DIR/gpu-check.log"
 : >"$log"
 say() { echo "$@" | tee -a "$log"; }
 
+if [ ! -x "$XTASK" ] && [ -f "$XTASK.gz" ]; then
+    # carried compressed (build-cuda writes xtask.gz beside xtask)
+    gunzip -c "$XTASK.gz" >/tmp/harma-xtask && chmod +x /tmp/harma-xtask
+    XTASK=/tmp/harma-xtask
+fi
 if [ ! -x "$XTASK" ]; then
     say "no $XTASK: build it with \`cargo xtask build-cuda\` (docs/CUDA.md) and bring it here"
     exit 1

@@ -274,7 +274,7 @@ impl GpuMemory {
         let mut child = Command::new("nvidia-smi")
             .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
             .arg(format!("--id={ordinal}"))
-            .arg("-lms=20")
+            .arg("--loop-ms=20")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

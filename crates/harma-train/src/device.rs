@@ -25,7 +25,13 @@ pub fn parse_precision(spec: &str) -> Result<candle_core::DType> {
 pub fn parse(spec: &str) -> Result<Device> {
     let ordinal = match spec {
         "cpu" => return Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => 0,
+        // a CUDA build on a machine without a usable GPU falls back to the CPU
+        "auto" if candle_core::utils::cuda_is_available() => {
+            return Ok(Device::new_cuda(0).unwrap_or_else(|e| {
+                eprintln!("no usable CUDA GPU ({}); using the CPU", first_line(&e));
+                Device::Cpu
+            }));
+        }
         "auto" => return Ok(Device::Cpu),
         "cuda" => 0,
         s => match s
@@ -43,8 +49,13 @@ pub fn parse(spec: &str) -> Result<Device> {
             "this binary was built without CUDA: build it with `--features cuda` \
              (docs/CUDA.md), or use --device cpu"
         };
-        anyhow::anyhow!("--device {spec}: {e}; {advice}")
+        anyhow::anyhow!("--device {spec}: {}; {advice}", first_line(&e))
     })
+}
+
+/// An error's first line (a driver error carries a backtrace after it).
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// A short name for messages.
