@@ -37,6 +37,9 @@ pub struct StepArgs {
     /// Candle's generic ops and backward: frozen weights get gradients, no fused kernels
     #[arg(long)]
     naive: bool,
+    /// Recompute one block at a time in the backward (`harma train --recompute`)
+    #[arg(long)]
+    recompute: bool,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     #[arg(long, default_value_t = 3)]
@@ -53,14 +56,14 @@ pub fn run_step(args: &StepArgs) -> Result<()> {
     let ids = Tensor::from_vec(tok.encode_batch(&captions(b)?)?, (b, 77), &device)?;
     let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
     harma_clip::ops::set_generic_ops(args.naive);
-    let pairs_per_s = train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters)?;
+    let pairs_per_s = train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters, args.recompute)?;
     let out = serde_json::json!({"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb()});
     println!("{out}");
     Ok(())
 }
 
 /// Run `bench-step` in a child process.
-fn step_in_child(naive: bool, b: usize, iters: usize) -> Result<serde_json::Value> {
+fn step_in_child(mode: &str, b: usize, iters: usize) -> Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args([
@@ -70,8 +73,14 @@ fn step_in_child(naive: bool, b: usize, iters: usize) -> Result<serde_json::Valu
         "--iters",
         &iters.to_string(),
     ]);
-    if naive {
-        cmd.arg("--naive");
+    match mode {
+        "naive" => {
+            cmd.arg("--naive");
+        }
+        "recompute" => {
+            cmd.arg("--recompute");
+        }
+        _ => {}
     }
     let out = cmd.output().context("cannot run bench-step")?;
     if !out.status.success() {
@@ -252,6 +261,7 @@ pub(crate) fn train_pairs_per_s(
     pixels: &Tensor,
     ids: &Tensor,
     iters: usize,
+    recompute: bool,
 ) -> Result<f64> {
     use harma_adapters::{AdapterConfig, HarmaAdapters};
     let device = pixels.device();
@@ -260,15 +270,21 @@ pub(crate) fn train_pairs_per_s(
     let mut rng = harma_data::rng::Rng::new(1);
     let tensors = harma_adapters::init_tensors(cfg, &acfg, &mut || rng.uniform(), device)?;
     let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, device)?;
+    let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let mut opt = harma_train::optim::AdamW::new(vars, Default::default())?;
     let b = pixels.dim(0)?;
     let image_ids: Vec<i64> = (0..b as i64).collect();
     rate(b, iters, || {
-        let img = model.encode_image(pixels, Some(&adapters))?;
-        let txt = model.encode_text(ids, Some(&adapters))?;
-        let loss =
-            harma_loss::harma_loss(&img, &txt, &adapters.temp, &image_ids, &Default::default())?;
-        opt.step(&loss.total.backward()?, 1e-4)?;
+        let (_, grads) = harma_train::step::loss_and_grads(
+            model,
+            &adapters,
+            &params,
+            (pixels, ids),
+            &image_ids,
+            &Default::default(),
+            recompute,
+        )?;
+        opt.step(&grads, 1e-4)?;
         Ok(device.synchronize()?)
     })
 }
@@ -367,12 +383,13 @@ pub fn run(args: &Args) -> Result<()> {
     // the training step, each mode in its own process (peak memory is per process), alternating
     let step_iters = if args.quick { 1 } else { 3 };
     let step_rounds = if args.quick { 1 } else { 2 };
-    let modes = ["harma-rs", "naive Candle", "PyTorch"];
-    let mut speed: Vec<Vec<f64>> = vec![vec![]; 3];
-    let mut rss: Vec<Vec<f64>> = vec![vec![]; 3];
+    let modes = ["harma-rs", "naive Candle", "PyTorch", "--recompute"];
+    let torch = 2;
+    let mut speed: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut rss: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     for _ in 0..step_rounds {
-        for (m, naive) in [(0, false), (1, true)] {
-            let j = step_in_child(naive, b, step_iters)?;
+        for (m, mode) in [(0, "plain"), (1, "naive"), (3, "recompute")] {
+            let j = step_in_child(mode, b, step_iters)?;
             speed[m].push(j["pairs_per_s"].as_f64().context("bench-step")?);
             rss[m].push(j["peak_rss_gb"].as_f64().context("bench-step")?);
         }
@@ -387,8 +404,8 @@ pub fn run(args: &Args) -> Result<()> {
                 it.as_ref(),
             ];
             let j = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
-            speed[2].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
-            rss[2].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
+            speed[torch].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
+            rss[torch].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
         }
         eprintln!("training-step round done");
     }
@@ -403,15 +420,15 @@ pub fn run(args: &Args) -> Result<()> {
         "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
     );
     let mut train_json = serde_json::Map::new();
-    let torch_speed = (!speed[2].is_empty()).then(|| median(&speed[2]));
-    let torch_rss = (!rss[2].is_empty()).then(|| median(&rss[2]));
-    for m in 0..3 {
+    let torch_speed = (!speed[torch].is_empty()).then(|| median(&speed[torch]));
+    let torch_rss = (!rss[torch].is_empty()).then(|| median(&rss[torch]));
+    for m in 0..modes.len() {
         if speed[m].is_empty() {
             continue;
         }
         let (sp, mem) = (median(&speed[m]), median(&rss[m]));
         let vs = match (torch_speed, torch_rss) {
-            (Some(ts), Some(tm)) if m != 2 => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
+            (Some(ts), Some(tm)) if m != torch => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
             _ => "-".into(),
         };
         let share = 100.0 * sp * pair_flops / 1e9 / gflops;

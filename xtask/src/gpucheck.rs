@@ -253,7 +253,7 @@ pub fn run_step(args: &StepArgs) -> Result<()> {
             Ok(device.synchronize()?)
         })?,
         "train" | "train-naive" => {
-            crate::bench::train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters)?
+            crate::bench::train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters, false)?
         }
         other => bail!("--mode {other}: expected images, captions, train or train-naive"),
     };

@@ -15,7 +15,7 @@ mod torch_pickle;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
-pub use model::{BlockHook, Clip, Tower};
+pub use model::{BlockHook, Clip, SavedTower, Tower};
 pub use tokenizer::ClipTokenizer;
 
 use std::path::Path;

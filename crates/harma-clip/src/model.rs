@@ -5,7 +5,8 @@
 //! Reference: open_clip `src/open_clip/transformer.py` (`ResidualAttentionBlock`,
 //! `VisionTransformer`, `TextTransformer`) and `model.py` (`CLIP.encode_image/encode_text`).
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
@@ -173,14 +174,20 @@ impl VisionTransformer {
         self.ln_pre.forward(&x)
     }
 
+    /// After the blocks: the class token through ln_post and the projection.
+    /// x: [b, 1 + patches, width] -> [b, embed_dim]
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let cls = self.ln_post.forward(&x.i((.., 0))?)?; // [b, width]
+        Ok(cls.matmul(&self.proj)?)
+    }
+
     /// pixels: [b, 3, H, W] (normalised) -> [b, embed_dim], not normalised.
     pub fn forward(&self, pixels: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
         let mut x = self.embed(pixels)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(&x, false, hook.map(|h| (h, Tower::Vision, i)))?;
         }
-        let cls = self.ln_post.forward(&x.i((.., 0))?)?; // [b, width]
-        Ok(cls.matmul(&self.proj)?)
+        self.head(&x)
     }
 }
 
@@ -219,6 +226,17 @@ impl TextTransformer {
 
     /// ids: [b, context] u32 token ids (EOT = the largest id of each row) -> [b, embed_dim].
     pub fn forward(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
+        let (mut x, eot) = self.embed(ids, hook)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, true, hook.map(|h| (h, Tower::Text, i)))?;
+        }
+        self.head(&x, &eot)
+    }
+
+    /// The token sequence before the blocks, and each row's EOT position.
+    /// ids: [b, context] -> ([b, l, width], eot), l = context, or the batch's last EOT + 1
+    /// when no hook reads the padding.
+    pub fn embed(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<(Tensor, Vec<u32>)> {
         let (b, ctx) = ids.dims2()?;
         // pooled at the EOT token, which open_clip finds as the argmax of the ids
         let eot = ids.argmax(D::Minus1)?; // [b]
@@ -235,11 +253,14 @@ impl TextTransformer {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, ()))?;
         let x = x.broadcast_add(&self.positional_embedding.narrow(0, 0, l)?)?;
-        let mut x = x;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            x = blk.forward(&x, true, hook.map(|h| (h, Tower::Text, i)))?;
-        }
-        let x = self.ln_final.forward(&x)?;
+        Ok((x, eot_pos))
+    }
+
+    /// After the blocks: ln_final, the row at each EOT, the projection.
+    /// x: [b, l, width] -> [b, embed_dim]
+    pub fn head(&self, x: &Tensor, eot_pos: &[u32]) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let x = self.ln_final.forward(x)?;
         let width = x.dim(2)?;
         // gather row eot[i] of each sequence
         let flat_idx: Vec<u32> = eot_pos
@@ -250,6 +271,23 @@ impl TextTransformer {
         let idx = Tensor::from_vec(flat_idx, b, x.device())?;
         let pooled = x.reshape((b * l, width))?.index_select(&idx, 0)?; // [b, width]
         Ok(pooled.matmul(&self.text_projection)?)
+    }
+}
+
+/// What [`Clip::forward_saving`] keeps of a tower's forward pass.
+#[derive(Debug, Clone)]
+pub struct SavedTower {
+    pub tower: Tower,
+    /// The input of every block, then the last block's output, all detached.
+    pub inputs: Vec<Tensor>,
+    /// Text: each row's EOT position.
+    pub eot: Vec<u32>,
+}
+
+impl SavedTower {
+    /// The last block's output.
+    pub fn last(&self) -> &Tensor {
+        self.inputs.last().expect("at least the tower's input")
     }
 }
 
@@ -302,6 +340,80 @@ impl Clip {
         out.visual.blocks = blocks(&self.visual.blocks)?;
         out.text.blocks = blocks(&self.text.blocks)?;
         Ok(out)
+    }
+
+    fn blocks(&self, tower: Tower) -> &[ResidualBlock] {
+        match tower {
+            Tower::Vision => &self.visual.blocks,
+            Tower::Text => &self.text.blocks,
+        }
+    }
+
+    /// A tower's forward pass keeping only each block's input (detached, so no graph is kept):
+    /// the first half of a backward that recomputes one block at a time
+    /// ([`Clip::backward_blocks`]). `input`: pixels or token ids.
+    pub fn forward_saving(
+        &self,
+        tower: Tower,
+        input: &Tensor,
+        hook: Option<&dyn BlockHook>,
+    ) -> Result<SavedTower> {
+        let (x, eot) = match tower {
+            Tower::Vision => (self.visual.embed(input)?, vec![]),
+            Tower::Text => self.text.embed(input, hook)?,
+        };
+        let causal = tower == Tower::Text;
+        let mut inputs = vec![x.detach()];
+        for (i, blk) in self.blocks(tower).iter().enumerate() {
+            let x = blk.forward(inputs.last().unwrap(), causal, hook.map(|h| (h, tower, i)))?;
+            inputs.push(x.detach());
+        }
+        Ok(SavedTower { tower, inputs, eot })
+    }
+
+    /// The tower's head (not normalised) on `x`, its last block's output: give it a variable
+    /// made from `saved.last()` to get the loss's gradient with respect to that output.
+    pub fn head(&self, saved: &SavedTower, x: &Tensor) -> Result<Tensor> {
+        match saved.tower {
+            Tower::Vision => self.visual.head(x),
+            Tower::Text => self.text.head(x, &saved.eot),
+        }
+    }
+
+    /// The backward through a tower's blocks, from `grad` (the loss's gradient with respect to
+    /// the last block's output), recomputing each block from its saved input with `hook`, last
+    /// block first. The gradients of `params` are added into `grads`. Only one block's graph is
+    /// alive at a time.
+    pub fn backward_blocks(
+        &self,
+        saved: &SavedTower,
+        mut grad: Tensor,
+        hook: Option<&dyn BlockHook>,
+        params: &[Tensor],
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let causal = saved.tower == Tower::Text;
+        for (i, blk) in self.blocks(saved.tower).iter().enumerate().rev() {
+            let x = Var::from_tensor(&saved.inputs[i])?;
+            let out = blk.forward(x.as_tensor(), causal, hook.map(|h| (h, saved.tower, i)))?;
+            // d/dx of sum(out * grad) is the vector-Jacobian product we need
+            let mut block_grads = (out * &grad)?.sum_all()?.backward()?;
+            for p in params {
+                if let Some(g) = block_grads.remove(p) {
+                    let total = match grads.remove(p) {
+                        Some(t) => (t + g)?,
+                        None => g,
+                    };
+                    grads.insert(p, total);
+                }
+            }
+            if i > 0 {
+                grad = block_grads.remove(x.as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("block {i}: no input gradient"))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// pixels [b, 3, H, W] -> L2-normalised [b, embed_dim]

@@ -10,6 +10,7 @@ pub mod optim;
 pub mod output;
 pub mod pipeline;
 pub mod schedule;
+pub mod step;
 pub mod train;
 
 /// mimalloc's `mi_option_purge_delay` (the index in mimalloc 3's `mi_option_e`).

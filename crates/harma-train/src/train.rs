@@ -466,6 +466,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
         ..AdapterConfig::default()
     };
     let mut st = initial_state(cfg, &mut ckpt, &clip, &acfg, &device)?;
+    let params: Vec<Tensor> = st.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
     drop(ckpt);
 
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -558,11 +559,16 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             let b = batch.image_ids.len();
             let pixels = Tensor::from_vec(batch.pixels, (b, 3, size, size), &device)?;
             let tokens = Tensor::from_vec(batch.ids, (b, ctx), &device)?;
-            let img = model.encode_image(&pixels, Some(&st.adapters))?;
-            let txt = model.encode_text(&tokens, Some(&st.adapters))?;
             let temp = scalar(&st.adapters.temp)?;
-            let terms =
-                harma_loss::harma_loss(&img, &txt, &st.adapters.temp, &batch.image_ids, &loss_cfg)?;
+            let (terms, mut grads) = crate::step::loss_and_grads(
+                &model,
+                &st.adapters,
+                &params,
+                (&pixels, &tokens),
+                &batch.image_ids,
+                &loss_cfg,
+                cfg.recompute,
+            )?;
             let (loss, lc, lt) = (
                 scalar(&terms.total)?,
                 scalar(&terms.contrastive)?,
@@ -584,7 +590,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
                     k + 1
                 );
             }
-            let mut grads = terms.total.backward()?;
             drop(terms);
             let grad_norm = match cfg.max_grad_norm {
                 Some(m) => Some(st.opt.clip_grad_norm(&mut grads, m)?),

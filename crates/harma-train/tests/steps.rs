@@ -135,6 +135,41 @@ fn bf16_backbone_gradients_follow_the_original() -> Result<()> {
     Ok(())
 }
 
+/// `--recompute`: recomputing one block at a time gives the same loss and gradients as the
+/// backward over the whole graph, for every trainable tensor.
+#[test]
+fn recomputing_blocks_gives_the_same_gradients() -> Result<()> {
+    let s = Setup::new()?;
+    let params: Vec<Tensor> = s.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let run = |recompute| {
+        harma_train::step::loss_and_grads(
+            &s.model,
+            &s.adapters,
+            &params,
+            (&s.pixels, &s.ids),
+            &s.image_ids,
+            &LossConfig::default(),
+            recompute,
+        )
+    };
+    let (t0, g0) = run(false)?;
+    let (t1, g1) = run(true)?;
+    let (l0, l1) = (t0.total.to_scalar::<f32>()?, t1.total.to_scalar::<f32>()?);
+    assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{l0} vs {l1}");
+    let mut worst = 0f32;
+    for (name, p) in s.vars.iter().map(|(n, v)| (n, v.as_tensor())) {
+        let (a, b) = (g0.get(p).unwrap(), g1.get(p));
+        let b = b.unwrap_or_else(|| panic!("{name}: no gradient when recomputing"));
+        let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let err = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale;
+        assert!(scale > 0.0, "{name}");
+        worst = worst.max(err);
+    }
+    eprintln!("recompute vs full graph: worst gradient error {worst:.1e} of scale");
+    assert!(worst <= 1e-5, "{worst}");
+    Ok(())
+}
+
 #[test]
 fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
     let s = Setup::new()?;

@@ -289,7 +289,7 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let run = a.out.unwrap();
+    let run = a.out.clone().unwrap();
     let cfg: TrainConfig = toml::from_str(&std::fs::read_to_string(run.join("config.toml"))?)?;
     assert_eq!(
         (cfg.epochs, cfg.seed, cfg.shuffle, cfg.lr),
@@ -311,6 +311,36 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let saved = harma_clip::checkpoint::load_tensors(&run.join("adapters.safetensors"))?;
     assert_eq!(saved.len(), 59);
     assert!(saved.contains_key("model.visual.transformer.resblocks.0.mmadapter.gate1"));
+
+    // --recompute trains the same run (the same losses) holding one block's activations
+    let out = train_command(&Args {
+        out: Some(dir.join("recomputed")),
+        ..a.clone()
+    })
+    .args([
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-4",
+        "--no-shuffle",
+    ])
+    .args(["--augment", "none", "--seed", "1", "--recompute"])
+    .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg2: TrainConfig = toml::from_str(&std::fs::read_to_string(
+        dir.join("recomputed/config.toml"),
+    )?)?;
+    assert!(cfg2.recompute && !cfg.recompute);
+    for (x, y) in lines.iter().zip(log(&dir.join("recomputed"))) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((lx - ly).abs() <= 1e-6 * lx.abs(), "{lx} vs {ly}");
+    }
 
     // a missing image names the entry and the file, before the model loads
     let json = dir.join("train.json");
