@@ -199,8 +199,7 @@ fn gate(vb: &VarBuilder, name: &str) -> Result<Tensor> {
 
 /// `s * a + (1 - s) * b` with `s = sigmoid(gate)`.
 fn mix(gate: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let s = candle_nn::ops::sigmoid(gate)?;
-    Ok((a.broadcast_mul(&s)? + b.broadcast_mul(&(1.0 - &s)?)?)?)
+    Ok(harma_clip::ops::gated_mix(gate, a, b)?)
 }
 
 /// The mini-adapter: `u = s * mha1(l1(x)) + (1 - s) * l1(x)`; `x + l2(u)`.

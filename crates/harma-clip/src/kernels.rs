@@ -92,20 +92,117 @@ unsafe fn attention_probs(
     for i in 0..l {
         let row = &mut p[i * l..(i + 1) * l];
         let valid = if causal { i + 1 } else { l };
-        let max = row[..valid]
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row[..valid].iter_mut() {
-            *x = fast_exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row[..valid].iter_mut().for_each(|x| *x *= inv);
+        softmax_dispatch(&mut row[..valid]);
         row[valid..].fill(0.0);
     }
 }
+
+/// Lanes of the partial maxima and sums below: independent accumulators let the loops
+/// vectorise (a single running sum or maximum would be a serial chain).
+const LANES: usize = 16;
+
+/// The sum of a slice through [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Softmax of one row in place.
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for c in chunks {
+        for j in 0..LANES {
+            if c[j] > m[j] {
+                m[j] = c[j];
+            }
+        }
+    }
+    for v in m {
+        if v > max {
+            max = v;
+        }
+    }
+    for x in row.iter_mut() {
+        *x = fast_exp(*x - max);
+    }
+    let inv = 1.0 / lane_sum(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `dS = P * (dP - rowsum(dP * P)) * scale` for one row, in place over `dp`.
+#[inline(always)]
+fn softmax_bwd_row(p: &[f32], dp: &mut [f32], scale: f32) {
+    let mut acc = [0f32; LANES];
+    let (pc, dc) = (p.chunks_exact(LANES), dp.chunks_exact(LANES));
+    let rest: f32 = pc
+        .remainder()
+        .iter()
+        .zip(dc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in pc.zip(dc) {
+        for j in 0..LANES {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    let dot = acc.iter().sum::<f32>() + rest;
+    for (g, &pv) in dp.iter_mut().zip(p) {
+        *g = pv * (*g - dot) * scale;
+    }
+}
+
+/// Defines `$name`, which runs `$inner` compiled for AVX-512, else for AVX2 + FMA, else for the
+/// baseline, as the CPU allows (detected at run time), so its loops vectorise to the widest unit.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* fn $name:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the enabled features (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(
+    /// Softmax of a row in place.
+    fn softmax_dispatch => softmax_row(row: &mut [f32])
+);
+simd_dispatch!(
+    /// [`softmax_bwd_row`].
+    fn softmax_bwd_dispatch => softmax_bwd_row(p: &[f32], dp: &mut [f32], scale: f32)
+);
 
 /// Multi-head self-attention from the packed in_proj output.
 /// Input `qkv` [b, l, 3 * d] (q | k | v, each `heads` x `head_dim`); output [b, l, d].
@@ -236,11 +333,7 @@ impl candle_core::CustomOp2 for AttentionBwd {
                     // dS = P * (dP - rowsum(dP * P)), scaled for q k^T
                     for i in 0..l {
                         let pr = &p[i * l..(i + 1) * l];
-                        let dr = &mut dp[i * l..(i + 1) * l];
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (g, &pv) in dr.iter_mut().zip(pr) {
-                            *g = pv * (*g - dot) * scale;
-                        }
+                        softmax_bwd_dispatch(pr, &mut dp[i * l..(i + 1) * l], scale);
                     }
                     // dQ = dS K, dK = dS^T Q
                     small_gemm(
@@ -291,33 +384,10 @@ fn quick_gelu_slice(x: &[f32], o: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quick_gelu_slice_avx2(x: &[f32], o: &mut [f32]) {
-    quick_gelu_slice(x, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quick_gelu_slice_avx512(x: &[f32], o: &mut [f32]) {
-    quick_gelu_slice(x, o)
-}
-
-/// QuickGELU of a slice with the widest vector unit the CPU has (detected at run time).
-fn quick_gelu_dispatch(x: &[f32], o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { quick_gelu_slice_avx512(x, o) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { quick_gelu_slice_avx2(x, o) };
-        }
-    }
-    quick_gelu_slice(x, o)
-}
+simd_dispatch!(
+    /// QuickGELU of a slice.
+    fn quick_gelu_dispatch => quick_gelu_slice(x: &[f32], o: &mut [f32])
+);
 
 /// `x * sigmoid(1.702 x)` in one pass.
 pub struct QuickGelu;
@@ -569,6 +639,104 @@ pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
     Ok((y, yl.shape().clone()))
 }
 
+/// HarMA's gated mix `s * a + (1 - s) * b`, `s = sigmoid(gate)`, in one pass: `a` and `b` of
+/// one shape, `gate` a scalar. One graph node instead of five, and a backward of three passes.
+pub struct GatedMix;
+
+fn sigmoid_of_scalar(gate: &CpuStorage, l: &Layout) -> candle_core::Result<f32> {
+    let g = contiguous_f32(gate, l, "gated-mix")?;
+    if g.len() != 1 {
+        candle_core::bail!("gated-mix: the gate must be a scalar, got {:?}", l.dims());
+    }
+    Ok(1.0 / (1.0 + (-g[0]).exp()))
+}
+
+impl candle_core::CustomOp3 for GatedMix {
+    fn name(&self) -> &'static str {
+        "gated-mix"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(as_, al, "gated-mix")?;
+        let b = contiguous_f32(bs, bl, "gated-mix")?;
+        if al.dims() != bl.dims() {
+            candle_core::bail!("gated-mix: a {:?} and b {:?} differ", al.dims(), bl.dims());
+        }
+        let s = sigmoid_of_scalar(gs, gl)?;
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = b + s * (a - b);
+                }
+            });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    /// `da = s g`, `db = (1 - s) g`, `dgate = s (1 - s) sum(g (a - b))`.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        gate: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = gate.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let s = 1.0 / (1.0 + (-s).exp());
+        let s = s as f64;
+        let da = a.track_op().then(|| grad.affine(s, 0.0)).transpose()?;
+        let db = b
+            .track_op()
+            .then(|| grad.affine(1.0 - s, 0.0))
+            .transpose()?;
+        let dgate = if gate.track_op() {
+            let dot = grad
+                .contiguous()?
+                .apply_op2_no_bwd(&(a - b)?.contiguous()?, &Dot)?;
+            Some(dot.affine(s * (1.0 - s), 0.0)?.reshape(gate.shape())?)
+        } else {
+            None
+        };
+        Ok((da, db, dgate))
+    }
+}
+
+/// `sum(x * y)` of two same-shaped tensors as a scalar tensor (f64 partial sums per chunk).
+struct Dot;
+
+impl candle_core::CustomOp2 for Dot {
+    fn name(&self) -> &'static str {
+        "dot"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "dot")?;
+        let y = contiguous_f32(ys, yl, "dot")?;
+        let sum: f64 = x
+            .par_chunks(4096)
+            .zip(y.par_chunks(4096))
+            .map(|(x, y)| x.iter().zip(y).map(|(&a, &b)| (a * b) as f64).sum::<f64>())
+            .sum();
+        Ok((CpuStorage::F32(vec![sum as f32]), Shape::from(())))
+    }
+}
+
 /// Layer norm over the last dimension, `x` [rows, d], `w` and `b` [d]. The backward gives the
 /// input's gradient, and the gain's and bias's only when they are trained.
 pub struct LayerNormOp {
@@ -696,6 +864,32 @@ mod tests {
         let err = x.apply_op3(&w_t, &bad, LinearBias).unwrap_err().to_string();
         assert!(err.contains("[18]"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn vectorised_softmax_rows_match_the_formula() {
+        for n in [1, 5, 16, 50, 77, 131] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+                .collect();
+            let mut row = x.clone();
+            softmax_dispatch(&mut row);
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (&got, &v) in row.iter().zip(&x) {
+                let want = (v as f64 - max).exp() / z;
+                assert!((got as f64 - want).abs() < 1e-6, "n {n}: {got} vs {want}");
+            }
+            // the backward row: p * (g - <g, p>) * scale
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
+            let mut ds = g.clone();
+            softmax_bwd_dispatch(&row, &mut ds, 0.5);
+            let dot: f64 = row.iter().zip(&g).map(|(&p, &g)| p as f64 * g as f64).sum();
+            for ((&d, &p), &g) in ds.iter().zip(&row).zip(&g) {
+                let want = p as f64 * (g as f64 - dot) * 0.5;
+                assert!((d as f64 - want).abs() < 1e-6, "n {n}: {d} vs {want}");
+            }
+        }
     }
 
     #[test]

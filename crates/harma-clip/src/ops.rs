@@ -159,6 +159,17 @@ fn fused_cpu(x: &Tensor) -> bool {
     !generic() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// HarMA's gated mix `s * a + (1 - s) * b` with `s = sigmoid(gate)` (`gate` a scalar).
+pub fn gated_mix(gate: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_cpu(a) && a.dims() == b.dims() && b.dtype() == DType::F32 {
+        return Ok(a
+            .contiguous()?
+            .apply_op3(&b.contiguous()?, gate, kernels::GatedMix)?);
+    }
+    let s = candle_nn::ops::sigmoid(gate)?;
+    Ok((a.broadcast_mul(&s)? + b.broadcast_mul(&(1.0 - &s)?)?)?)
+}
+
 /// `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if fused_cpu(x) {
