@@ -303,7 +303,7 @@ pub struct Args {
     #[serde(skip)]
     pub skip_bad: bool,
     /// Keep only each block's input in the forward pass and recompute one block at a time in
-    /// the backward: activation memory of one block instead of all 24, for about 1.3x the time
+    /// the backward: activation memory of one block instead of all 24, for about 1.4x the time
     /// (what makes the original's batch 214 fit in a laptop's memory)
     #[arg(long)]
     #[serde(skip)]
