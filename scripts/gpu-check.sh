@@ -41,7 +41,7 @@ if [ ! -x "$XTASK" ]; then
     exit 1
 fi
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1 && command -v python3 >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/harma-site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/harma-site${PYTHONPATH:+:$PYTHONPATH}
 fi
