@@ -522,16 +522,7 @@ impl candle_core::CustomOp3 for LinearBias {
         let x = contiguous_f32(xs, xl, "linear")?;
         let w = contiguous_f32(ws, wl, "linear")?;
         let b = contiguous_f32(bs, bl, "linear")?;
-        let (rows, inp) = xl.shape().dims2()?;
-        let (inp2, out) = wl.shape().dims2()?;
-        if inp != inp2 || b.len() != out {
-            candle_core::bail!(
-                "linear: x {:?}, w {:?}, b {:?}",
-                xl.dims(),
-                wl.dims(),
-                bl.dims()
-            );
-        }
+        let (rows, inp, out) = linear_dims(xl, wl, bl)?;
         let mut y = Vec::with_capacity(rows * out);
         for _ in 0..rows {
             y.extend_from_slice(b);
@@ -613,16 +604,13 @@ impl candle_core::CustomOp3 for LinearBias {
     }
 }
 
-/// `x @ w_t + b` on any backend through its own GEMM and broadcast add: `x` [rows, in],
-/// `w_t` [in, out], `b` [out], any dtype the backend multiplies.
-pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
-    xs: &S,
+/// (rows, in, out) of a linear op on `x` [rows, in], `w_t` [in, out], `b` [out]; an error
+/// naming the three shapes when they do not fit together.
+fn linear_dims(
     xl: &Layout,
-    ws: &S,
     wl: &Layout,
-    bs: &S,
     bl: &Layout,
-) -> candle_core::Result<(S, Shape)> {
+) -> candle_core::Result<(usize, usize, usize)> {
     let (rows, inp) = xl.shape().dims2()?;
     let (inp2, out) = wl.shape().dims2()?;
     if inp != inp2 || bl.dims() != [out] {
@@ -633,6 +621,20 @@ pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
             bl.dims()
         );
     }
+    Ok((rows, inp, out))
+}
+
+/// `x @ w_t + b` on any backend through its own GEMM and broadcast add: `x` [rows, in],
+/// `w_t` [in, out], `b` [out], any dtype the backend multiplies.
+pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
+    xs: &S,
+    xl: &Layout,
+    ws: &S,
+    wl: &Layout,
+    bs: &S,
+    bl: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (rows, inp, out) = linear_dims(xl, wl, bl)?;
     let y = xs.matmul(ws, (1, rows, out, inp), xl, wl)?;
     let yl = Layout::contiguous((rows, out));
     let y = y.binary_impl::<candle_core::op::Add>(bs, &yl, &bl.broadcast_as((rows, out))?)?;
