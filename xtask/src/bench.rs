@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Tower};
@@ -62,47 +62,42 @@ pub fn run_step(args: &StepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Run `bench-step` in a child process.
-fn step_in_child(mode: &str, b: usize, iters: usize) -> Result<serde_json::Value> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "bench-step",
-        "--batch",
-        &b.to_string(),
-        "--iters",
-        &iters.to_string(),
-    ]);
-    match mode {
-        "naive" => {
-            cmd.arg("--naive");
-        }
-        "recompute" => {
-            cmd.arg("--recompute");
-        }
-        _ => {}
-    }
-    let out = cmd.output().context("cannot run bench-step")?;
-    if !out.status.success() {
-        bail!(
-            "bench-step failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+/// Run `bench-step` in a child process, with `flag` (`--naive`, `--recompute`) if any.
+fn step_in_child(flag: Option<&str>, b: usize, iters: usize) -> Result<serde_json::Value> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench-step", "--batch", &b.to_string()])
+        .args(["--iters", &iters.to_string()])
+        .args(flag);
+    crate::run_json(&mut cmd, "bench-step")
 }
 
 /// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
 pub(crate) fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
+    model_from(random_weights(cfg, device)?, cfg, device)
+}
+
+/// The weights of [`random_model`] (seeded: every call gives the same), on `device`.
+pub(crate) fn random_weights(
+    cfg: &ClipConfig,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
     let mut rng = harma_data::rng::Rng::new(0);
-    let map = harma_clip::checkpoint::random_backbone(
+    Ok(harma_clip::checkpoint::random_backbone(
         cfg,
         harma_clip::checkpoint::RandomInit::Clip,
         &mut || rng.uniform(),
         device,
-    )?;
+    )?)
+}
+
+/// A model on `device` from open_clip-named weights (moved there if elsewhere).
+pub(crate) fn model_from(
+    weights: std::collections::HashMap<String, Tensor>,
+    cfg: &ClipConfig,
+    device: &Device,
+) -> Result<Clip> {
     Ok(Clip::new(
-        VarBuilder::from_tensors(map, DType::F32, device),
+        VarBuilder::from_tensors(weights, DType::F32, device),
         cfg,
     )?)
 }
@@ -167,16 +162,11 @@ pub(crate) fn run_python(
     args: &[&std::ffi::OsStr],
     threads: usize,
 ) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(py)
-        .arg(script)
+    let mut cmd = std::process::Command::new(py);
+    cmd.arg(script)
         .args(args)
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("cannot run {}", py.display()))?;
-    if !out.status.success() {
-        bail!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("{script} printed no JSON"))
+        .env("OMP_NUM_THREADS", threads.to_string());
+    crate::run_json(&mut cmd, &format!("{} {script}", py.display()))
 }
 
 /// One round of the PyTorch workloads in a fresh process.
@@ -388,8 +378,8 @@ pub fn run(args: &Args) -> Result<()> {
     let mut speed: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut rss: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     for _ in 0..step_rounds {
-        for (m, mode) in [(0, "plain"), (1, "naive"), (3, "recompute")] {
-            let j = step_in_child(mode, b, step_iters)?;
+        for (m, flag) in [(0, None), (1, Some("--naive")), (3, Some("--recompute"))] {
+            let j = step_in_child(flag, b, step_iters)?;
             speed[m].push(j["pairs_per_s"].as_f64().context("bench-step")?);
             rss[m].push(j["peak_rss_gb"].as_f64().context("bench-step")?);
         }

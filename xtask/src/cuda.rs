@@ -279,24 +279,10 @@ fn write_driver_stub(dir: &Path) -> Result<()> {
 /// cudarc's source folder, as Cargo resolves it with the cuda feature (downloading it if
 /// needed).
 fn cudarc_dir() -> Result<PathBuf> {
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--locked",
-            "--features",
-            FEATURES,
-        ])
-        .output()
-        .context("cannot run cargo metadata")?;
-    if !out.status.success() {
-        bail!(
-            "cargo metadata failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["metadata", "--format-version", "1", "--locked"])
+        .args(["--features", FEATURES]);
+    let meta = crate::run_json(&mut cmd, "cargo metadata")?;
     let manifest = meta["packages"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == "cudarc"))

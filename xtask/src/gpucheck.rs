@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Clip, ClipConfig, ClipTokenizer};
 
-use crate::bench::{captions, random_model, rate, run_python};
+use crate::bench::{captions, model_from, random_model, random_weights, rate, run_python};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -76,14 +76,6 @@ fn model_config(name: &str) -> Result<ClipConfig> {
         "vit-b32" => ClipConfig::vit_b32_quickgelu(),
         "tiny" => ClipConfig::tiny(harma_clip::Activation::QuickGelu),
         other => bail!("--model {other}: expected vit-b32 or tiny"),
-    })
-}
-
-fn precision(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => bail!("--precision {other}: expected f32 or bf16"),
     })
 }
 
@@ -174,12 +166,14 @@ fn inputs(cfg: &ClipConfig, b: usize, device: &Device) -> Result<(Tensor, Tensor
 fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
     let b = 4;
     let cpu = Device::Cpu;
-    let model_cpu = random_model(cfg, &cpu)?;
+    // drawn once, for both sides
+    let weights = random_weights(cfg, &cpu)?;
+    let model_cpu = model_from(weights.clone(), cfg, &cpu)?;
     let (px, ids) = inputs(cfg, b, &cpu)?;
     let want = outputs(&model_cpu, cfg, &px, &ids)?;
     // on the CPU the device side is the generic path: the ops a GPU runs
     let previous = harma_clip::ops::set_generic_ops(device.is_cpu());
-    let model = random_model(cfg, device)?;
+    let model = model_from(weights, cfg, device)?;
     let (pxd, idsd) = (px.to_device(device)?, ids.to_device(device)?);
     let got = outputs(&model, cfg, &pxd, &idsd);
     let bf16 = model
@@ -238,7 +232,7 @@ fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
 pub fn run_step(args: &StepArgs) -> Result<()> {
     let device = harma_train::device::parse(&args.device)?;
     let cfg = model_config(&args.model)?;
-    let dtype = precision(&args.precision)?;
+    let dtype = harma_train::device::parse_precision(&args.precision)?;
     let b = args.batch;
     let model = random_model(&cfg, &device)?.with_linear_dtype(dtype)?;
     let (pixels, ids) = inputs(&cfg, b, &device)?;
@@ -321,13 +315,8 @@ fn step_in_child(
     mode: &str,
     prec: &str,
 ) -> Result<(f64, f64)> {
-    let ordinal = match device {
-        Device::Cuda(_) => Some(
-            args.device
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0),
-        ),
+    let ordinal = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
         _ => None,
     };
     let before = ordinal.and_then(GpuMemory::start).map(|m| {
@@ -335,8 +324,8 @@ fn step_in_child(
         m.peak_gb()
     });
     let mem = ordinal.and_then(GpuMemory::start);
-    let out = Command::new(std::env::current_exe()?)
-        .args(["gpu-step", "--device", &args.device, "--model", &args.model])
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["gpu-step", "--device", &args.device, "--model", &args.model])
         .args([
             "--batch",
             &b.to_string(),
@@ -345,16 +334,9 @@ fn step_in_child(
             "--precision",
             prec,
         ])
-        .args(["--iters", &args.iters.to_string()])
-        .output()
-        .context("cannot run gpu-step")?;
-    if !out.status.success() {
-        bail!(
-            "gpu-step --batch {b} --mode {mode} --precision {prec} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        .args(["--iters", &args.iters.to_string()]);
+    let what = format!("gpu-step --batch {b} --mode {mode} --precision {prec}");
+    let j = crate::run_json(&mut cmd, &what)?;
     let per_s = j["items_per_s"]
         .as_f64()
         .context("gpu-step printed no rate")?;
@@ -416,15 +398,12 @@ pub fn run(args: &Args) -> Result<()> {
         let mut rows = Vec::new();
         for &b in &args.batches {
             let (bs, it) = (b.to_string(), args.iters.to_string());
-            let mut emb_args: Vec<std::ffi::OsString> = vec![
-                "--batch".into(),
-                bs.clone().into(),
-                "--iters".into(),
-                it.clone().into(),
-            ];
-            emb_args.extend(["--device".into(), torch_device.into()]);
-            let emb_args: Vec<&std::ffi::OsStr> = emb_args.iter().map(|s| s.as_os_str()).collect();
-            let emb = run_python(py, "xtask/bench_torch.py", &emb_args, threads)?;
+            let mut script_args: Vec<&std::ffi::OsStr> = ["--batch", &bs, "--iters", &it]
+                .into_iter()
+                .chain(["--device", torch_device])
+                .map(std::ffi::OsStr::new)
+                .collect();
+            let emb = run_python(py, "xtask/bench_torch.py", &script_args, threads)?;
             println!(
                 "PyTorch batch {b}: {:.1} images/s, {:.1} captions/s",
                 emb["images_per_s"].as_f64().unwrap_or(f64::NAN),
@@ -432,18 +411,8 @@ pub fn run(args: &Args) -> Result<()> {
             );
             let mut row = serde_json::json!({"batch": b, "embedding": emb});
             if let Some(repo) = &args.harma_repo {
-                let a: Vec<std::ffi::OsString> = vec![
-                    "--batch".into(),
-                    bs.into(),
-                    "--iters".into(),
-                    it.into(),
-                    "--device".into(),
-                    torch_device.into(),
-                    "--harma-repo".into(),
-                    repo.clone().into(),
-                ];
-                let a: Vec<&std::ffi::OsStr> = a.iter().map(|s| s.as_os_str()).collect();
-                let tr = run_python(py, "xtask/bench_torch_train.py", &a, threads)?;
+                script_args.extend(["--harma-repo".as_ref(), repo.as_os_str()]);
+                let tr = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
                 let mem = match tr["peak_gpu_gb"].as_f64() {
                     Some(g) => format!("peak GPU {g:.2} GB"),
                     None => format!(

@@ -38,6 +38,20 @@ enum Command {
     GpuStep(gpucheck::StepArgs),
 }
 
+/// Run `cmd` (`what` names it in errors); when it succeeds, its stdout parsed as JSON, else an
+/// error carrying its stderr.
+pub(crate) fn run_json(
+    cmd: &mut std::process::Command,
+    what: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{what} printed no JSON"))
+}
+
 /// Write JSON through a temporary file, so that a reader never sees half of it.
 pub(crate) fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
     harma_train::output::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
