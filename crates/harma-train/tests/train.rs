@@ -275,18 +275,20 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let dir = temp_dir("cli");
     let a = args(&dir, "run");
     let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
-    let out = train_command(&a)
-        .args(["--batch-size", "4", "--epochs", "1"])
-        .args([
-            "--lr",
-            "1e-4",
-            "--no-shuffle",
-            "--augment",
-            "none",
-            "--seed",
-            "1",
-        ])
-        .output()?;
+    let settings = [
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-4",
+        "--no-shuffle",
+        "--augment",
+        "none",
+        "--seed",
+        "1",
+    ];
+    let out = train_command(&a).args(settings).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let run = a.out.clone().unwrap();
@@ -317,16 +319,8 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
         out: Some(dir.join("recomputed")),
         ..a.clone()
     })
-    .args([
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-4",
-        "--no-shuffle",
-    ])
-    .args(["--augment", "none", "--seed", "1", "--recompute"])
+    .args(settings)
+    .arg("--recompute")
     .output()?;
     assert!(
         out.status.success(),
