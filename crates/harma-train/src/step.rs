@@ -45,3 +45,93 @@ pub fn loss_and_grads(
     }
     Ok((terms, grads))
 }
+
+/// How closely one set of gradients follows a reference set, tensor by tensor.
+///
+/// A per-tensor "largest error over largest value" misjudges tensors whose gradient is a sum
+/// with heavy cancellation (a scalar gate's gradient can be tiny next to its terms), so the
+/// error is taken relative to the norm of all the reference gradients together, and each
+/// tensor's direction is judged by its cosine to the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradAgreement {
+    /// ||got - want|| / ||want|| over all tensors together.
+    pub rel_err: f64,
+    /// The lowest cosine of any tensor with more than one element (a scalar's is ±1).
+    pub worst_cosine: f64,
+    /// The tensor with that cosine.
+    pub worst_tensor: String,
+    /// How many tensors were compared.
+    pub tensors: usize,
+}
+
+impl GradAgreement {
+    /// Compares `got` with `want`, pairs of (name, gradient) in the same order. A reference
+    /// gradient that is all zero is an error: the comparison would prove nothing.
+    pub fn measure<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a Tensor, &'a Tensor)>,
+    ) -> Result<Self> {
+        let (mut diff2, mut norm2) = (0f64, 0f64);
+        let mut out = GradAgreement {
+            rel_err: 0.0,
+            worst_cosine: 1.0,
+            worst_tensor: String::new(),
+            tensors: 0,
+        };
+        for (name, got, want) in pairs {
+            anyhow::ensure!(
+                got.dims() == want.dims(),
+                "gradient of {name}: shape {:?} against {:?}",
+                got.dims(),
+                want.dims()
+            );
+            let g = got.flatten_all()?.to_dtype(candle_core::DType::F64)?;
+            let w = want.flatten_all()?.to_dtype(candle_core::DType::F64)?;
+            let gw = (&g * &w)?.sum_all()?.to_scalar::<f64>()?;
+            let gg = g.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            let ww = w.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            anyhow::ensure!(
+                ww > 0.0,
+                "the reference gradient of {name} is zero: the check would prove nothing"
+            );
+            anyhow::ensure!(gg > 0.0, "the gradient of {name} is zero");
+            diff2 += (&g - &w)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            norm2 += ww;
+            let cos = gw / (gg * ww).sqrt();
+            if w.elem_count() > 1 && (cos < out.worst_cosine || out.worst_tensor.is_empty()) {
+                out.worst_cosine = cos;
+                out.worst_tensor = name.to_string();
+            }
+            out.tensors += 1;
+        }
+        anyhow::ensure!(out.tensors > 0, "no gradients to compare");
+        out.rel_err = (diff2 / norm2).sqrt();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn grad_agreement_is_norm_relative_and_skips_scalar_cosines() -> Result<()> {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu);
+        let (g1, w1) = (t(&[3.0, 4.5])?, t(&[3.0, 4.0])?);
+        // a scalar whose gradient is off by 100% but tiny next to the others
+        let (g2, w2) = (t(&[2e-3])?, t(&[1e-3])?);
+        let a = GradAgreement::measure([("v", &g1, &w1), ("s", &g2, &w2)])?;
+        // ||(0, 0.5, 1e-3)|| / ||(3, 4, 1e-3)||
+        let want = ((0.25f64 + 1e-6) / (25.0 + 1e-6)).sqrt();
+        assert!((a.rel_err - want).abs() < 1e-7, "{a:?}");
+        // (9 + 18) / (5 * sqrt(9 + 20.25))
+        assert!((a.worst_cosine - 27.0 / (5.0 * 29.25f64.sqrt())).abs() < 1e-7);
+        assert_eq!((a.worst_tensor.as_str(), a.tensors), ("v", 2));
+        let zero = t(&[0.0, 0.0])?;
+        let err = GradAgreement::measure([("z", &g1, &zero)]).unwrap_err();
+        assert!(err.to_string().contains("reference gradient of z is zero"));
+        let err = GradAgreement::measure([("v", &g2, &w1)]).unwrap_err();
+        assert!(err.to_string().contains("shape"), "{err}");
+        Ok(())
+    }
+}

@@ -10,6 +10,7 @@ use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Checkpoint, Clip, ClipConfig};
 use harma_loss::{harma_loss, LossConfig, LossTerms};
 use harma_train::optim::{AdamW, AdamWConfig};
+use harma_train::step::GradAgreement;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
@@ -102,36 +103,27 @@ fn bf16_backbone_gradients_follow_the_original() -> Result<()> {
     s.model = s.model.with_linear_dtype(DType::BF16)?;
     let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
     let grads = s.loss()?.total.backward()?;
-    let (mut diff2, mut norm2) = (0f64, 0f64);
-    let mut worst = (1f64, String::new());
-    for (name, var) in &s.vars {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient reached {name}"));
-        let key = match name.as_str() {
-            "temp" => "grad.temp".to_string(),
-            n => format!("grad.model.{n}"),
-        };
-        let (g, w) = (g.flatten_all()?, want[&key].flatten_all()?);
-        let dot = (&g * &w)?.sum_all()?.to_scalar::<f32>()? as f64;
-        let (gg, ww) = (
-            g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
-            w.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
-        );
-        assert!(gg > 0.0, "{name}: zero gradient");
-        diff2 += gg - 2.0 * dot + ww;
-        norm2 += ww;
-        let cos = dot / (gg * ww).sqrt();
-        if cos < worst.0 {
-            worst = (cos, name.clone());
-        }
-    }
-    let rel = (diff2 / norm2).sqrt();
+    let pairs: Vec<(String, Tensor, Tensor)> = s
+        .vars
+        .iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached {name}"));
+            let key = match name.as_str() {
+                "temp" => "grad.temp".to_string(),
+                n => format!("grad.model.{n}"),
+            };
+            (name.clone(), g.clone(), want[&key].clone())
+        })
+        .collect();
+    let a = GradAgreement::measure(pairs.iter().map(|(n, g, w)| (n.as_str(), g, w)))?;
     eprintln!(
-        "bf16 backbone: gradient error {rel:.1e} of its norm; lowest cosine {:.4} ({})",
-        worst.0, worst.1
+        "bf16 backbone: gradient error {:.1e} of its norm; lowest cosine {:.4} ({})",
+        a.rel_err, a.worst_cosine, a.worst_tensor
     );
-    assert!(rel < 0.05 && worst.0 > 0.9, "{rel} {worst:?}");
+    assert_eq!(a.tensors, s.vars.len());
+    assert!(a.rel_err < 0.05 && a.worst_cosine > 0.9, "{a:?}");
     Ok(())
 }
 
