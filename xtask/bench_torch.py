@@ -1,6 +1,7 @@
 """The PyTorch side of `cargo xtask bench`: open_clip ViT-B-32-quickgelu with random weights,
 the same batch and captions as the Rust side, threads from OMP_NUM_THREADS, on --device (cpu or
-cuda). Prints JSON (on a GPU with the peak memory PyTorch reserved)."""
+cuda). Prints JSON (on a GPU with the peak memory PyTorch reserved). The `_bf16` rates run the
+same forward under bf16 autocast (oneDNN, on AMX where the CPU has it)."""
 import argparse
 import json
 import os
@@ -44,7 +45,11 @@ with torch.inference_mode():
     mm = rate(lambda: x @ y) / a.batch * 2 * 1600 * 768 * 3072 / 1e9
     img = rate(lambda: model.encode_image(pixels, normalize=True))
     txt = rate(lambda: model.encode_text(ids, normalize=True))
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        img16 = rate(lambda: model.encode_image(pixels, normalize=True))
+        txt16 = rate(lambda: model.encode_text(ids, normalize=True))
 out = {"matmul_gflops": mm, "images_per_s": img, "captions_per_s": txt,
+       "images_per_s_bf16": img16, "captions_per_s_bf16": txt16,
        "torch": torch.__version__, "threads": torch.get_num_threads()}
 if dev.type == "cuda":
     out["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 1e9

@@ -21,6 +21,7 @@ p.add_argument("--harma-repo", required=True)
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--iters", type=int, default=3)
 p.add_argument("--device", default="cpu")
+p.add_argument("--bf16", action="store_true", help="forward and loss under bf16 autocast")
 a = p.parse_args()
 dev = torch.device(a.device)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -64,9 +65,10 @@ idx = torch.arange(b, device=dev)
 
 def step():
     opt.zero_grad(set_to_none=True)
-    img = model.encode_image(pixels, normalize=True)
-    txt = model.encode_text(ids, normalize=True)
-    loss = mod.HarMABase.get_contr_loss(me, img, txt, idx=idx) + mod.HarMABase.weighted_triplet_loss(me, img, txt)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+        img = model.encode_image(pixels, normalize=True)
+        txt = model.encode_text(ids, normalize=True)
+        loss = mod.HarMABase.get_contr_loss(me, img, txt, idx=idx) + mod.HarMABase.weighted_triplet_loss(me, img, txt)
     loss.backward()
     opt.step()
 

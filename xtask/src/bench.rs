@@ -40,6 +40,9 @@ pub struct StepArgs {
     /// Recompute one block at a time in the backward (`harma train --recompute`)
     #[arg(long)]
     recompute: bool,
+    /// The backbone's linear layers in bf16 (`harma train --precision bf16`)
+    #[arg(long)]
+    bf16: bool,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     #[arg(long, default_value_t = 3)]
@@ -51,7 +54,10 @@ pub fn run_step(args: &StepArgs) -> Result<()> {
     let device = Device::Cpu;
     let b = args.batch;
     let cfg = ClipConfig::vit_b32_quickgelu();
-    let model = random_model(&cfg, &device)?;
+    let mut model = random_model(&cfg, &device)?;
+    if args.bf16 {
+        model = model.with_linear_dtype(candle_core::DType::BF16)?;
+    }
     let tok = ClipTokenizer::new(77)?;
     let ids = Tensor::from_vec(tok.encode_batch(&captions(b)?)?, (b, 77), &device)?;
     let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
@@ -62,12 +68,12 @@ pub fn run_step(args: &StepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Run `bench-step` in a child process, with `flag` (`--naive`, `--recompute`) if any.
-fn step_in_child(flag: Option<&str>, b: usize, iters: usize) -> Result<serde_json::Value> {
+/// Run `bench-step` in a child process, with `flags` (`--naive`, `--recompute`, `--bf16`).
+fn step_in_child(flags: &[&str], b: usize, iters: usize) -> Result<serde_json::Value> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["bench-step", "--batch", &b.to_string()])
         .args(["--iters", &iters.to_string()])
-        .args(flag);
+        .args(flags);
     crate::run_json(&mut cmd, "bench-step")
 }
 
@@ -325,9 +331,19 @@ pub fn run(args: &Args) -> Result<()> {
         "images/s",
         "captions/s (cut after EOT)",
         "captions/s (full 77 tokens)",
+        "images/s, bf16",
+        "captions/s (77 tokens), bf16",
     ];
     let cut_flops = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
-    let flops = [f64::NAN, img_flops, cut_flops, txt_flops];
+    let flops = [
+        f64::NAN,
+        img_flops,
+        cut_flops,
+        txt_flops,
+        img_flops,
+        txt_flops,
+    ];
+    let model_bf16 = model.with_linear_dtype(candle_core::DType::BF16)?;
     let mut ours: Vec<Vec<f64>> = vec![vec![]; names.len()];
     let mut theirs: Vec<Vec<f64>> = vec![vec![]; names.len()];
     for round in 0..rounds {
@@ -344,6 +360,14 @@ pub fn run(args: &Args) -> Result<()> {
             model.encode_text(&ids, Some(&FullContext))?;
             Ok(())
         })?);
+        ours[4].push(rate(b, iters, || {
+            model_bf16.encode_image(&pixels, None)?;
+            Ok(())
+        })?);
+        ours[5].push(rate(b, iters, || {
+            model_bf16.encode_text(&ids, Some(&FullContext))?;
+            Ok(())
+        })?);
         if let Some(py) = &args.torch_python {
             let j = torch_round(py, b, iters, threads)?;
             for (i, key) in [
@@ -351,6 +375,8 @@ pub fn run(args: &Args) -> Result<()> {
                 "images_per_s",
                 "captions_per_s",
                 "captions_per_s",
+                "images_per_s_bf16",
+                "captions_per_s_bf16",
             ]
             .iter()
             .enumerate()
@@ -373,13 +399,29 @@ pub fn run(args: &Args) -> Result<()> {
     // the training step, each mode in its own process (peak memory is per process), alternating
     let step_iters = if args.quick { 1 } else { 3 };
     let step_rounds = if args.quick { 1 } else { 2 };
-    let modes = ["harma-rs", "naive Candle", "PyTorch", "--recompute"];
-    let torch = 2;
+    let modes = [
+        "harma-rs",
+        "naive Candle",
+        "PyTorch",
+        "--recompute",
+        "harma-rs bf16",
+        "PyTorch bf16",
+        "bf16 --recompute",
+    ];
+    // each mode's PyTorch counterpart, for the ratio column
+    let torch_of = |m: usize| if m == 4 || m == 6 { 5 } else { 2 };
     let mut speed: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut rss: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     for _ in 0..step_rounds {
-        for (m, flag) in [(0, None), (1, Some("--naive")), (3, Some("--recompute"))] {
-            let j = step_in_child(flag, b, step_iters)?;
+        let ours: [(usize, &[&str]); 5] = [
+            (0, &[]),
+            (1, &["--naive"]),
+            (3, &["--recompute"]),
+            (4, &["--bf16"]),
+            (6, &["--bf16", "--recompute"]),
+        ];
+        for (m, flags) in ours {
+            let j = step_in_child(flags, b, step_iters)?;
             speed[m].push(j["pairs_per_s"].as_f64().context("bench-step")?);
             rss[m].push(j["peak_rss_gb"].as_f64().context("bench-step")?);
         }
@@ -393,9 +435,15 @@ pub fn run(args: &Args) -> Result<()> {
                 "--iters".as_ref(),
                 it.as_ref(),
             ];
-            let j = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
-            speed[torch].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
-            rss[torch].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
+            for (m, bf16) in [(2, false), (5, true)] {
+                let mut script_args = script_args.to_vec();
+                if bf16 {
+                    script_args.push("--bf16".as_ref());
+                }
+                let j = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
+                speed[m].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
+                rss[m].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
+            }
         }
         eprintln!("training-step round done");
     }
@@ -406,24 +454,25 @@ pub fn run(args: &Args) -> Result<()> {
         pair_flops / 1e9
     );
     println!(
-        "{:<14} {:>9} {:>14} {:>14} {:>13}",
+        "{:<18} {:>9} {:>14} {:>14} {:>13}",
         "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
     );
     let mut train_json = serde_json::Map::new();
-    let torch_speed = (!speed[torch].is_empty()).then(|| median(&speed[torch]));
-    let torch_rss = (!rss[torch].is_empty()).then(|| median(&rss[torch]));
     for m in 0..modes.len() {
         if speed[m].is_empty() {
             continue;
         }
         let (sp, mem) = (median(&speed[m]), median(&rss[m]));
-        let vs = match (torch_speed, torch_rss) {
-            (Some(ts), Some(tm)) if m != torch => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
-            _ => "-".into(),
+        let t = torch_of(m);
+        let vs = if m != t && !speed[t].is_empty() {
+            let (ts, tm) = (median(&speed[t]), median(&rss[t]));
+            format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm)
+        } else {
+            "-".into()
         };
         let share = 100.0 * sp * pair_flops / 1e9 / gflops;
         println!(
-            "{:<14} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
+            "{:<18} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
             modes[m], share
         );
         train_json.insert(

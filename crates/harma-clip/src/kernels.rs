@@ -6,12 +6,16 @@
 //! attention as one parallel loop over (sequence, head), each with single-threaded GEMMs, and
 //! QuickGELU in one pass. Other devices and dtypes take the generic path in `ops`.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::bf16::Bf16Linear;
 use rayon::prelude::*;
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -416,7 +420,7 @@ impl CustomOp1 for QuickGelu {
 }
 
 /// (x, dy) -> dx of QuickGELU.
-struct QuickGeluBwd;
+pub(crate) struct QuickGeluBwd;
 
 impl candle_core::CustomOp2 for QuickGeluBwd {
     fn name(&self) -> &'static str {
@@ -431,18 +435,22 @@ impl candle_core::CustomOp2 for QuickGeluBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, "quick-gelu-bwd")?;
-        let g = contiguous_f32(s2, l2, "quick-gelu-bwd")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                    let s = 1.0 / (1.0 + fast_exp(-1.702 * x));
-                    *o = g * (s + 1.702 * x * s * (1.0 - s));
-                }
-            });
+        let mut out = contiguous_f32(s2, l2, "quick-gelu-bwd")?.to_vec();
+        quick_gelu_grad(x, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// `g *= d/dx [x sigmoid(1.702 x)]` = `s + 1.702 x s (1 - s)`, `s = sigmoid(1.702 x)`.
+fn quick_gelu_grad(x: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(g, x)| {
+            for (g, &x) in g.iter_mut().zip(x) {
+                let s = 1.0 / (1.0 + fast_exp(-1.702 * x));
+                *g *= s + 1.702 * x * s * (1.0 - s);
+            }
+        });
 }
 
 /// Mean and 1 / sqrt(variance + eps) of one row (two passes, for accuracy on the residual
@@ -456,8 +464,8 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
 
 /// (x, w, dy) -> dx of layer norm over the last dimension, one pass per row:
 /// `dx = inv * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * w`.
-struct LayerNormBwd {
-    eps: f32,
+pub(crate) struct LayerNormBwd {
+    pub(crate) eps: f32,
 }
 
 impl candle_core::CustomOp3 for LayerNormBwd {
@@ -527,37 +535,8 @@ impl candle_core::CustomOp3 for LinearBias {
         for _ in 0..rows {
             y.extend_from_slice(b);
         }
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: y [rows, out], x [rows, inp] and w_t [inp, out] are row-major and contiguous;
-        // all lengths were checked above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out,
-                inp,
-                y.as_mut_ptr(),
-                1,
-                out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                inp as isize,
-                w.as_ptr(),
-                1,
-                out as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        // w_t [inp, out] row-major
+        gemm_acc(&mut y, x, rows, inp, out, (w, out as isize, 1));
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -639,6 +618,114 @@ pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
     let yl = Layout::contiguous((rows, out));
     let y = y.binary_impl::<candle_core::op::Add>(bs, &yl, &bl.broadcast_as((rows, out))?)?;
     Ok((y, yl.shape().clone()))
+}
+
+/// `y [m, n] += a [m, k] b`, `b` given as (data, row stride, column stride).
+pub(crate) fn gemm_acc(
+    y: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b: (&[f32], isize, isize),
+) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (b, b_rs, b_cs) = b;
+    assert!(y.len() == m * n && a.len() == m * k && b.len() == k * n);
+    // SAFETY: the three buffers have the sizes asserted above and the strides address
+    // exactly those elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A frozen linear layer in bf16 on the CPU ([`Bf16Linear`]): `x` [rows, in] -> [rows, out].
+/// Its backward gives the input's gradient only (the weight is frozen and not in the graph).
+pub struct Bf16LinearOp(pub Arc<Bf16Linear>);
+
+impl CustomOp1 for Bf16LinearOp {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        bf16_linear_apply(&self.0, s, l, false)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(g.apply_op1_no_bwd(&Bf16LinearGrad(self.0.clone()))?))
+    }
+}
+
+/// The input gradient of [`Bf16LinearOp`]: `g` [rows, out] -> `g w` [rows, in].
+pub(crate) struct Bf16LinearGrad(pub(crate) Arc<Bf16Linear>);
+
+impl CustomOp1 for Bf16LinearGrad {
+    fn name(&self) -> &'static str {
+        "bf16-linear-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        bf16_linear_apply(&self.0, s, l, true)
+    }
+}
+
+fn bf16_linear_apply(
+    lin: &Bf16Linear,
+    s: &CpuStorage,
+    l: &Layout,
+    backward: bool,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(s, l, "bf16 linear")?;
+    let (rows, cols) = l.shape().dims2()?;
+    let (inp, out) = if backward {
+        (lin.out_dim, lin.in_dim)
+    } else {
+        (lin.in_dim, lin.out_dim)
+    };
+    if cols != inp {
+        candle_core::bail!(
+            "bf16 linear: input {:?} against a layer of {inp} -> {out}",
+            l.dims()
+        );
+    }
+    let y = if backward {
+        lin.backward(x, rows)
+    } else {
+        lin.forward(x, rows)
+    };
+    Ok((CpuStorage::F32(y), Shape::from((rows, out))))
 }
 
 /// HarMA's gated mix `s * a + (1 - s) * b`, `s = sigmoid(gate)`, in one pass: `a` and `b` of

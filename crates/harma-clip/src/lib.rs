@@ -5,6 +5,7 @@
 //! Reference: open_clip `src/open_clip/model.py` and `transformer.py`
 //! (<https://github.com/mlfoundations/open_clip>).
 
+pub mod bf16;
 pub mod checkpoint;
 pub mod config;
 mod kernels;

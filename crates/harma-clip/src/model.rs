@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, ClipConfig};
-use crate::ops::{self, LayerNorm, Linear, MultiHeadAttention};
+use crate::ops::{self, FrozenBranch, LayerNorm, Linear, MultiHeadAttention};
 use crate::Result;
 
 /// Which tower a block belongs to.
@@ -93,6 +93,34 @@ impl ResidualBlock {
         self.c_proj.forward(&h)
     }
 
+    /// `attn(ln_1(x))`, as one fused node where [`FrozenBranch`] applies.
+    fn attn_branch(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let branch = FrozenBranch::Attention {
+            ln: self.ln_1.clone(),
+            attn: self.attn.clone(),
+            causal,
+        };
+        match branch.forward_fused(x)? {
+            Some(y) => Ok(y),
+            None => self.attn.forward(&self.ln_1.forward(x)?, causal),
+        }
+    }
+
+    /// `mlp(ln_2(x))`, as one fused node where [`FrozenBranch`] applies (QuickGELU).
+    fn mlp_branch(&self, x: &Tensor) -> Result<Tensor> {
+        if self.activation == Activation::QuickGelu {
+            let branch = FrozenBranch::QuickGeluMlp {
+                ln: self.ln_2.clone(),
+                fc: self.c_fc.clone(),
+                proj: self.c_proj.clone(),
+            };
+            if let Some(y) = branch.forward_fused(x)? {
+                return Ok(y);
+            }
+        }
+        self.mlp(&self.ln_2.forward(x)?)
+    }
+
     /// x: [b, l, d] -> [b, l, d]
     pub fn forward(
         &self,
@@ -100,8 +128,8 @@ impl ResidualBlock {
         causal: bool,
         hook: Option<(&dyn BlockHook, Tower, usize)>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, causal)?)?;
-        let m = self.mlp(&self.ln_2.forward(&x)?)?;
+        let x = (x + self.attn_branch(x, causal)?)?;
+        let m = self.mlp_branch(&x)?;
         let m = match hook {
             Some((h, tower, i)) => h.mlp_out(tower, i, &m)?,
             None => m,

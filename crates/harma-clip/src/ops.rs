@@ -9,6 +9,9 @@
 
 use candle_core::{DType, Module, Tensor, D};
 
+use std::sync::Arc;
+
+use crate::bf16::Bf16Linear;
 use crate::kernels;
 pub use crate::kernels::Attention as AttentionKernel;
 
@@ -23,6 +26,9 @@ pub enum Weight {
     /// Trained (a `Var`'s tensor, [out, in]): transposed at each forward so that updates to the
     /// variable take effect and gradients reach it.
     Trained(Tensor),
+    /// Frozen, in bf16 on the CPU (`to_dtype(BF16)`): on AMX tiles where the CPU has them,
+    /// with its bias inside.
+    CpuBf16(Arc<Bf16Linear>),
 }
 
 /// A linear layer, `x @ weight^T + bias` on the last dimension of any rank; weights are given
@@ -50,33 +56,88 @@ impl Linear {
         }
     }
 
-    /// The weight as [in, out].
+    /// The weight as [in, out] (bf16-rounded values in f32 for [`Weight::CpuBf16`]).
     pub fn weight_t(&self) -> Result<Tensor> {
         Ok(match &self.weight {
             Weight::Frozen(t) => t.clone(),
             Weight::Trained(w) => w.t()?.contiguous()?,
+            Weight::CpuBf16(l) => Tensor::from_vec(
+                l.weight_t(),
+                (l.in_dim, l.out_dim),
+                &candle_core::Device::Cpu,
+            )?,
         })
     }
 
-    /// A frozen layer with its weight and bias in `dtype` (bf16: mixed precision, the input
-    /// is cast to it for the product and the result back); a trained one is left as it is.
+    /// A frozen layer with its weight and bias in `dtype`; a trained one is left as it is. In
+    /// bf16 (mixed precision) the layer's products take bf16 operands and sum in f32. On the
+    /// CPU that is [`Bf16Linear`] (AMX where present, bias kept in f32); elsewhere the weight
+    /// and bias are stored in bf16 and the input is cast to it and the result back.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(match &self.weight {
+            Weight::Frozen(w) if dtype == DType::BF16 && w.device().is_cpu() => {
+                let (inp, out) = w.dims2()?;
+                let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let bias = match &self.bias {
+                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                    None => None,
+                };
+                let amx = crate::bf16::amx_available();
+                Self {
+                    weight: Weight::CpuBf16(Arc::new(Bf16Linear::new(&w, inp, out, bias, amx))),
+                    bias: None,
+                }
+            }
             Weight::Frozen(w) => Self {
                 weight: Weight::Frozen(w.to_dtype(dtype)?),
                 bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
             },
-            Weight::Trained(_) => self.clone(),
+            Weight::Trained(_) | Weight::CpuBf16(_) => self.clone(),
         })
+    }
+
+    /// Whether this layer is frozen and runs on the CPU's fused kernels (f32, or
+    /// [`Weight::CpuBf16`]).
+    fn frozen_on_cpu(&self) -> bool {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        match &self.weight {
+            Weight::CpuBf16(_) => true,
+            Weight::Frozen(w) => cpu_f32(w) && self.bias.as_ref().is_none_or(cpu_f32),
+            Weight::Trained(_) => false,
+        }
+    }
+
+    /// The input gradient of a frozen layer: `g` [.., out] -> `g w` [.., in].
+    fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        let mut dims = g.dims().to_vec();
+        let out = *dims.last().expect("gradient has a last dimension");
+        let g2 = g.reshape(((), out))?.contiguous()?;
+        let gx = match &self.weight {
+            Weight::CpuBf16(l) => g2.apply_op1_no_bwd(&kernels::Bf16LinearGrad(l.clone()))?,
+            Weight::Frozen(w_t) => g2.matmul(&w_t.t()?)?,
+            Weight::Trained(w) => g2.matmul(w)?,
+        };
+        *dims.last_mut().unwrap() = gx.dim(1)?;
+        Ok(gx.reshape(dims)?)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, last))?;
+        if let Weight::CpuBf16(l) = &self.weight {
+            let y = x2
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1(kernels::Bf16LinearOp(l.clone()))?;
+            let mut out = dims;
+            *out.last_mut().unwrap() = l.out_dim;
+            return Ok(y.reshape(out)?.to_dtype(x.dtype())?);
+        }
         let weight_t = self.weight_t()?;
         // one 2-d matmul over every row: the largest GEMM Candle can run
-        let x2 = x.reshape((rows, last))?.to_dtype(weight_t.dtype())?;
+        let x2 = x2.to_dtype(weight_t.dtype())?;
         let y = match &self.bias {
             // the fused CPU kernel, or the backend's GEMM elsewhere: both with a backward that
             // skips frozen weights
@@ -176,6 +237,146 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1(kernels::QuickGelu)?);
     }
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// A frozen pre-norm branch of a backbone block, `f(ln(x))`, run as one graph node on the CPU:
+/// the attention branch `out_proj(attention(in_proj(ln_1(x))))` or the QuickGELU MLP
+/// `c_proj(quick_gelu(c_fc(ln_2(x))))`. Its backward gives the input's gradient only (every
+/// weight in it is frozen), from the one activation it keeps (the packed q|k|v, or `c_fc`'s
+/// output): Candle's gradient store sees one edge instead of five to eight, and the other
+/// intermediates are freed as soon as the forward has used them.
+#[derive(Debug, Clone)]
+pub enum FrozenBranch {
+    Attention {
+        ln: LayerNorm,
+        attn: MultiHeadAttention,
+        causal: bool,
+    },
+    QuickGeluMlp {
+        ln: LayerNorm,
+        fc: Linear,
+        proj: Linear,
+    },
+}
+
+impl FrozenBranch {
+    /// `x` [b, l, d] -> [b, l, d] through one fused node, or `None` where that does not apply
+    /// (not f32 on the CPU, generic ops on, a trained layer): the caller then runs the layers.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let layers_frozen = match self {
+            FrozenBranch::Attention { attn, .. } => {
+                attn.in_proj.frozen_on_cpu() && attn.out_proj.frozen_on_cpu()
+            }
+            FrozenBranch::QuickGeluMlp { fc, proj, .. } => {
+                fc.frozen_on_cpu() && proj.frozen_on_cpu()
+            }
+        };
+        if !fused_cpu(x) || !layers_frozen {
+            return Ok(None);
+        }
+        let op = FrozenBranchOp {
+            branch: self.clone(),
+            kept: std::sync::OnceLock::new(),
+        };
+        Ok(Some(x.contiguous()?.apply_op1(op)?))
+    }
+
+    fn ln(&self) -> &LayerNorm {
+        match self {
+            FrozenBranch::Attention { ln, .. } | FrozenBranch::QuickGeluMlp { ln, .. } => ln,
+        }
+    }
+
+    /// The branch on a tensor outside any graph: its output and the activation to keep.
+    fn run(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.ln().forward(x)?;
+        Ok(match self {
+            FrozenBranch::Attention { attn, causal, .. } => {
+                let qkv = attn.in_proj.forward(&h)?;
+                let o = qkv.apply_op1_no_bwd(&kernels::Attention {
+                    heads: attn.heads,
+                    causal: *causal,
+                })?;
+                (attn.out_proj.forward(&o)?, qkv)
+            }
+            FrozenBranch::QuickGeluMlp { fc, proj, .. } => {
+                let hidden = fc.forward(&h)?;
+                (proj.forward(&quick_gelu(&hidden)?)?, hidden)
+            }
+        })
+    }
+
+    /// The gradient at the layer norm's output, from the output's gradient `g` and the kept
+    /// activation.
+    fn backward_to_ln(&self, kept: &Tensor, g: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            FrozenBranch::Attention { attn, causal, .. } => {
+                let g_o = attn.out_proj.input_grad(g)?;
+                let op = kernels::Attention {
+                    heads: attn.heads,
+                    causal: *causal,
+                };
+                let g_qkv = candle_core::CustomOp1::bwd(&op, kept, kept, &g_o)?
+                    .expect("attention has an input gradient");
+                attn.in_proj.input_grad(&g_qkv)?
+            }
+            FrozenBranch::QuickGeluMlp { fc, proj, .. } => {
+                let g_a = proj.input_grad(g)?.contiguous()?;
+                let g_h = kept.apply_op2_no_bwd(&g_a, &kernels::QuickGeluBwd)?;
+                fc.input_grad(&g_h)?
+            }
+        })
+    }
+}
+
+/// The graph node of [`FrozenBranch::forward_fused`]; `kept` is filled by its forward.
+struct FrozenBranchOp {
+    branch: FrozenBranch,
+    kept: std::sync::OnceLock<Tensor>,
+}
+
+impl candle_core::CustomOp1 for FrozenBranchOp {
+    fn name(&self) -> &'static str {
+        "frozen-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let err = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let x = match (s, l.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => {
+                Tensor::from_slice(&v[a..b], l.shape(), &candle_core::Device::Cpu)?
+            }
+            _ => candle_core::bail!("frozen-branch: contiguous f32 input only"),
+        };
+        let (y, kept) = self.branch.run(&x).map_err(err)?;
+        if self.kept.set(kept).is_err() {
+            candle_core::bail!("frozen-branch: one op instance per forward");
+        }
+        let shape = y.shape().clone();
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let err = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let kept = self.kept.get().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-branch: backward before forward".into())
+        })?;
+        let g_ln = self.branch.backward_to_ln(kept, grad).map_err(err)?;
+        let ln = self.branch.ln();
+        let op = kernels::LayerNormBwd { eps: ln.eps as f32 };
+        Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+            &ln.weight,
+            &g_ln.contiguous()?,
+            &op,
+        )?))
+    }
 }
 
 /// Exact (erf) GELU.

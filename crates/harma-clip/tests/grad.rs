@@ -151,3 +151,76 @@ fn frozen_weights_get_no_gradient_trained_ones_do() -> Result<()> {
     assert!(max_abs_diff(gw, g2.get(w2.as_tensor()).unwrap())? < 1e-4);
     Ok(())
 }
+
+/// The fused frozen branches (one graph node each) against their layers run one by one, with
+/// f32 and with bf16 weights: same output, same input gradient, no gradient for any weight.
+#[test]
+fn fused_branches_match_their_layers() -> Result<()> {
+    let x = (randn(&[3, 5, 24], 13)? * 2.0)?;
+    let ln = LayerNorm {
+        weight: (randn(&[24], 19)? + 1.0)?,
+        bias: randn(&[24], 20)?,
+        eps: 1e-5,
+    };
+    let fc = Linear::new(randn(&[40, 24], 14)?, Some(randn(&[40], 15)?))?;
+    let proj = Linear::new(randn(&[24, 40], 16)?, Some(randn(&[24], 17)?))?;
+    let attn = MultiHeadAttention {
+        in_proj: Linear::new(randn(&[72, 24], 21)?, Some(randn(&[72], 22)?))?,
+        out_proj: Linear::new(randn(&[24, 24], 23)?, Some(randn(&[24], 24)?))?,
+        heads: 4,
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let (fc, proj) = (fc.to_dtype(dtype)?, proj.to_dtype(dtype)?);
+        let attn = MultiHeadAttention {
+            in_proj: attn.in_proj.to_dtype(dtype)?,
+            out_proj: attn.out_proj.to_dtype(dtype)?,
+            heads: 4,
+        };
+        let mut cases: Vec<(String, ops::FrozenBranch)> = vec![(
+            "MLP".into(),
+            ops::FrozenBranch::QuickGeluMlp {
+                ln: ln.clone(),
+                fc: fc.clone(),
+                proj: proj.clone(),
+            },
+        )];
+        for causal in [false, true] {
+            let branch = ops::FrozenBranch::Attention {
+                ln: ln.clone(),
+                attn: attn.clone(),
+                causal,
+            };
+            cases.push((format!("attention causal={causal}"), branch));
+        }
+        for (name, branch) in cases {
+            let fused = |x: &Tensor| -> Result<Tensor> {
+                Ok(branch.forward_fused(x)?.expect("frozen CPU layers fuse"))
+            };
+            let layers = |x: &Tensor| -> Result<Tensor> {
+                let h = ln.forward(x)?;
+                Ok(match &branch {
+                    ops::FrozenBranch::Attention { causal, .. } => attn.forward(&h, *causal)?,
+                    _ => proj.forward(&ops::quick_gelu(&fc.forward(&h)?)?)?,
+                })
+            };
+            let (f, g) = grads(&x, fused, layers)?;
+            eprintln!("fused {name} {dtype:?}: forward {f:.1e}, gradient {g:.1e}");
+            assert!(f < 1e-5 && g < 1e-5, "{name} {dtype:?}: {f} {g}");
+            let v = Var::from_tensor(&x)?;
+            let gs = fused(v.as_tensor())?.sum_all()?.backward()?;
+            assert!(gs.get(v.as_tensor()).is_some());
+            // (a bf16 layer keeps its bias inside, out of any graph)
+            for t in [&ln.weight, &ln.bias].into_iter().chain(fc.bias.as_ref()) {
+                assert!(gs.get(t).is_none(), "a frozen tensor has a gradient");
+            }
+        }
+    }
+    // a trained layer does not fuse
+    let branch = ops::FrozenBranch::QuickGeluMlp {
+        ln,
+        fc: Linear::trained(randn(&[40, 24], 18)?, None),
+        proj,
+    };
+    assert!(branch.forward_fused(&x)?.is_none());
+    Ok(())
+}

@@ -327,14 +327,9 @@ pub struct Args {
     /// batch 214); other settings override it
     #[arg(long, value_enum)]
     pub dataset: Option<Dataset>,
-    /// Where to compute: auto (a CUDA GPU when this binary has CUDA and one is visible, else
-    /// the CPU), cpu, cuda or cuda:N [default: auto]
-    #[arg(long)]
+    #[arg(long, help = concat!(crate::device_help!(), " [default: auto]"))]
     pub device: Option<String>,
-    /// The frozen backbone's linear layers: f32, or bf16 (mixed precision: half their memory
-    /// and GPU tensor-core speed; adapters and optimiser stay f32; slow on the CPU)
-    /// [default: f32]
-    #[arg(long)]
+    #[arg(long, help = concat!(crate::precision_help!(), " [default: f32]"))]
     pub precision: Option<String>,
     /// Where the dataset presets look [default: data]
     #[arg(long, value_name = "DIR")]
