@@ -230,9 +230,13 @@ mod amx {
                     if i >= m {
                         break;
                     }
-                    let row = &a[i * k..(i + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        strip[((kk / 32) * 16 + r) * 32 + kk % 32] = bits(v);
+                    // 32 consecutive values of the row go to one tile row: contiguous, so
+                    // the conversion vectorises
+                    for (t, src) in a[i * k..(i + 1) * k].chunks(32).enumerate() {
+                        let dst = &mut strip[(t * 16 + r) * 32..][..src.len()];
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = bits(v);
+                        }
                     }
                 }
             });
