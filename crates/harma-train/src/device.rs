@@ -18,7 +18,7 @@ macro_rules! precision_help {
     () => {
         "The frozen backbone's linear layers: f32, or bf16 (mixed precision: bf16 operands, f32 \
          sums; layer norms, attention, adapters and optimiser stay f32). bf16 runs on GPU tensor \
-         cores and on Intel AMX CPUs (Xeon 4th gen and later, about 1.6-1.8x f32 there); other \
+         cores and on Intel AMX CPUs (Xeon 4th gen and later: 1.4-2.6x f32 in our benchmarks); other \
          CPUs get the same numbers at f32 speed. HARMA_AMX=0 turns AMX off"
     };
 }
