@@ -348,26 +348,25 @@ pub fn run(args: &Args) -> Result<()> {
     let mut theirs: Vec<Vec<f64>> = vec![vec![]; names.len()];
     for round in 0..rounds {
         ours[0].push(matmul_gflops(&device)?);
-        ours[1].push(rate(b, iters, || {
-            model.encode_image(&pixels, None)?;
-            Ok(())
-        })?);
-        ours[2].push(rate(b, iters, || {
-            model.encode_text(&ids, None)?;
-            Ok(())
-        })?);
-        ours[3].push(rate(b, iters, || {
-            model.encode_text(&ids, Some(&FullContext))?;
-            Ok(())
-        })?);
-        ours[4].push(rate(b, iters, || {
-            model_bf16.encode_image(&pixels, None)?;
-            Ok(())
-        })?);
-        ours[5].push(rate(b, iters, || {
-            model_bf16.encode_text(&ids, Some(&FullContext))?;
-            Ok(())
-        })?);
+        // rows 1.. of `names`: (model, image or text, hook)
+        let full: Option<&dyn harma_clip::BlockHook> = Some(&FullContext);
+        let embeds = [
+            (&model, true, None),
+            (&model, false, None),
+            (&model, false, full),
+            (&model_bf16, true, None),
+            (&model_bf16, false, full),
+        ];
+        for (i, (m, image, hook)) in embeds.into_iter().enumerate() {
+            ours[i + 1].push(rate(b, iters, || {
+                if image {
+                    m.encode_image(&pixels, None)?;
+                } else {
+                    m.encode_text(&ids, hook)?;
+                }
+                Ok(())
+            })?);
+        }
         if let Some(py) = &args.torch_python {
             let j = torch_round(py, b, iters, threads)?;
             for (i, key) in [

@@ -99,25 +99,15 @@ impl Bf16Linear {
         }
     }
 
-    pub fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
-    }
-
     /// `x` [rows, in] -> `x w^T + b` [rows, out].
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "bf16 linear: input size");
         match &self.kernel {
             Kernel::Amx { fwd, .. } => amx::matmul(x, rows, fwd, self.bias.as_deref()),
-            Kernel::F32(w) => {
-                let mut y = match &self.bias {
-                    Some(b) => b.repeat(rows),
-                    None => vec![0.0; rows * self.out_dim],
-                };
+            Kernel::F32(w_t) => {
                 let x: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
-                let (k, n) = (self.in_dim, self.out_dim);
-                // w_t [k, n] row-major
-                crate::kernels::gemm_acc(&mut y, &x, rows, k, n, (w, n as isize, 1));
-                y
+                let dims = (rows, self.in_dim, self.out_dim);
+                crate::kernels::linear_f32(&x, w_t, self.bias.as_deref(), dims)
             }
         }
     }
@@ -456,6 +446,13 @@ mod tests {
             .collect()
     }
 
+    fn max_err(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
     fn check(amx: bool) {
         // shapes that need padding in every dimension, and one that needs none
         for (m, k, n) in [(37, 45, 50), (64, 96, 32), (1, 7, 3), (33, 64, 65)] {
@@ -464,22 +461,14 @@ mod tests {
             assert_eq!(lin.on_amx(), amx);
             let y = lin.forward(&x, m);
             let want = reference(&x, &w_t, Some(&b), m, k, n);
-            let err = y
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let err = max_err(&y, &want);
             assert!(err < 1e-5 * k as f64, "forward {m}x{k}x{n}: {err}");
             // input gradient: g [m, n] times w [n, k], i.e. w_t^T
             let g = values(m * n, 4);
             let w: Vec<f32> = (0..n * k).map(|i| w_t[(i % k) * n + i / k]).collect();
             let gx = lin.backward(&g, m);
             let want = reference(&g, &w, None, m, n, k);
-            let err = gx
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let err = max_err(&gx, &want);
             assert!(err < 1e-5 * n as f64, "backward {m}x{k}x{n}: {err}");
             let rounded: Vec<f32> = w_t.iter().map(|&v| round_bf16(v)).collect();
             assert_eq!(lin.weight_t(), rounded);

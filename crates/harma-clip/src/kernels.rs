@@ -531,12 +531,7 @@ impl candle_core::CustomOp3 for LinearBias {
         let w = contiguous_f32(ws, wl, "linear")?;
         let b = contiguous_f32(bs, bl, "linear")?;
         let (rows, inp, out) = linear_dims(xl, wl, bl)?;
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        // w_t [inp, out] row-major
-        gemm_acc(&mut y, x, rows, inp, out, (w, out as isize, 1));
+        let y = linear_f32(x, w, Some(b), (rows, inp, out));
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -618,6 +613,22 @@ pub fn linear_bias_storage<S: candle_core::backend::BackendStorage>(
     let yl = Layout::contiguous((rows, out));
     let y = y.binary_impl::<candle_core::op::Add>(bs, &yl, &bl.broadcast_as((rows, out))?)?;
     Ok((y, yl.shape().clone()))
+}
+
+/// `x w_t + b` for `x` [rows, in], `w_t` [in, out] row-major and an optional `b` [out]: the
+/// bias is written first and the GEMM accumulates into it (no separate pass or buffer).
+pub(crate) fn linear_f32(
+    x: &[f32],
+    w_t: &[f32],
+    b: Option<&[f32]>,
+    (rows, inp, out): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut y = match b {
+        Some(b) => b.repeat(rows),
+        None => vec![0.0; rows * out],
+    };
+    gemm_acc(&mut y, x, rows, inp, out, (w_t, out as isize, 1));
+    y
 }
 
 /// `y [m, n] += a [m, k] b`, `b` given as (data, row stride, column stride).

@@ -125,27 +125,24 @@ impl Linear {
         let dims = x.dims().to_vec();
         let last = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, last))?;
-        if let Weight::CpuBf16(l) = &self.weight {
-            let y = x2
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1(kernels::Bf16LinearOp(l.clone()))?;
-            let mut out = dims;
-            *out.last_mut().unwrap() = l.out_dim;
-            return Ok(y.reshape(out)?.to_dtype(x.dtype())?);
-        }
-        let weight_t = self.weight_t()?;
         // one 2-d matmul over every row: the largest GEMM Candle can run
-        let x2 = x2.to_dtype(weight_t.dtype())?;
-        let y = match &self.bias {
-            // the fused CPU kernel, or the backend's GEMM elsewhere: both with a backward that
-            // skips frozen weights
-            Some(b) if fused_cpu(&x2) || (!generic() && !x2.device().is_cpu()) => x2
+        let x2 = x.reshape((rows, last))?;
+        let y = if let Weight::CpuBf16(l) = &self.weight {
+            x2.to_dtype(DType::F32)?
                 .contiguous()?
-                .apply_op3(&weight_t, b, kernels::LinearBias)?,
-            Some(b) => x2.matmul(&weight_t)?.broadcast_add(b)?,
-            None => x2.matmul(&weight_t)?,
+                .apply_op1(kernels::Bf16LinearOp(l.clone()))?
+        } else {
+            let weight_t = self.weight_t()?;
+            let x2 = x2.to_dtype(weight_t.dtype())?;
+            match &self.bias {
+                // the fused CPU kernel, or the backend's GEMM elsewhere: both with a backward
+                // that skips frozen weights
+                Some(b) if fused_cpu(&x2) || (!generic() && !x2.device().is_cpu()) => x2
+                    .contiguous()?
+                    .apply_op3(&weight_t, b, kernels::LinearBias)?,
+                Some(b) => x2.matmul(&weight_t)?.broadcast_add(b)?,
+                None => x2.matmul(&weight_t)?,
+            }
         };
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;
