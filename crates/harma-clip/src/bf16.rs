@@ -10,6 +10,7 @@
 //! the instruction reads (16 rows of k-pairs x 16 columns), each tile 1 KiB and contiguous.
 //! A 32 x 32 block of the output lives in four accumulator tiles while k runs.
 
+use candle_core::Tensor;
 use std::sync::OnceLock;
 
 /// f32 -> bf16 bits, rounding to nearest even (as `half::bf16::from_f32`, branch-free so
@@ -29,6 +30,46 @@ pub fn bf16_bits(x: f32) -> u16 {
 #[inline(always)]
 pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// An f32 CPU tensor rounded to bf16 (ties to even), for keeping an activation in half the
+/// memory; in parallel, as Candle's conversion runs on one thread.
+pub fn store_bf16(t: &Tensor) -> candle_core::Result<Tensor> {
+    map_cpu(t, |x: f32| half::bf16::from_bits(bf16_bits(x)))
+}
+
+/// Back from [`store_bf16`] to f32 (exact), in parallel; an f32 tensor is returned as it is.
+pub fn load_f32(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.dtype() == candle_core::DType::F32 {
+        return Ok(t.clone());
+    }
+    map_cpu(t, |x: half::bf16| {
+        f32::from_bits((x.to_bits() as u32) << 16)
+    })
+}
+
+/// `f` on every element of a CPU tensor, in parallel, into a new contiguous tensor.
+fn map_cpu<A, B>(t: &Tensor, f: impl Fn(A) -> B + Sync) -> candle_core::Result<Tensor>
+where
+    A: candle_core::WithDType,
+    B: candle_core::WithDType + Default,
+{
+    use rayon::prelude::*;
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("bf16 storage: CPU tensors only");
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("bf16 storage: not contiguous".into()))?;
+    let src = &A::cpu_storage_as_slice(cpu)?[a..b];
+    let mut out = vec![B::default(); src.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &x)| *o = f(x)));
+    drop(storage);
+    Tensor::from_vec(out, t.shape(), t.device())
 }
 
 /// Whether the AMX path runs here: the CPU has AMX-BF16, the OS lets this process use the

@@ -16,7 +16,7 @@ mod torch_pickle;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
-pub use model::{BlockHook, Clip, SavedTower, Tower};
+pub use model::{BlockActs, BlockHook, Clip, SavedTower, Tower};
 pub use tokenizer::ClipTokenizer;
 
 use std::path::Path;

@@ -93,14 +93,34 @@ impl ResidualBlock {
         self.c_proj.forward(&h)
     }
 
-    /// `attn(ln_1(x))`, as one fused node where [`FrozenBranch`] applies.
-    fn attn_branch(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
-        let branch = FrozenBranch::Attention {
+    /// `attn(ln_1(x))` as a [`FrozenBranch`].
+    fn attn_frozen(&self, causal: bool) -> FrozenBranch {
+        FrozenBranch::Attention {
             ln: self.ln_1.clone(),
             attn: self.attn.clone(),
             causal,
-        };
-        match branch.forward_fused(x)? {
+        }
+    }
+
+    /// `mlp(ln_2(x))` as a [`FrozenBranch`], for QuickGELU.
+    fn mlp_frozen(&self) -> Option<FrozenBranch> {
+        (self.activation == Activation::QuickGelu).then(|| FrozenBranch::QuickGeluMlp {
+            ln: self.ln_2.clone(),
+            fc: self.c_fc.clone(),
+            proj: self.c_proj.clone(),
+        })
+    }
+
+    /// Both branches, where the fused kernels apply to both on `x`.
+    fn frozen_branches(&self, x: &Tensor, causal: bool) -> Option<(FrozenBranch, FrozenBranch)> {
+        let attn = self.attn_frozen(causal);
+        let mlp = self.mlp_frozen()?;
+        (attn.fuses(x) && mlp.fuses(x)).then_some((attn, mlp))
+    }
+
+    /// `attn(ln_1(x))`, as one fused node where [`FrozenBranch`] applies.
+    fn attn_branch(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        match self.attn_frozen(causal).forward_fused(x)? {
             Some(y) => Ok(y),
             None => self.attn.forward(&self.ln_1.forward(x)?, causal),
         }
@@ -108,17 +128,74 @@ impl ResidualBlock {
 
     /// `mlp(ln_2(x))`, as one fused node where [`FrozenBranch`] applies (QuickGELU).
     fn mlp_branch(&self, x: &Tensor) -> Result<Tensor> {
-        if self.activation == Activation::QuickGelu {
-            let branch = FrozenBranch::QuickGeluMlp {
-                ln: self.ln_2.clone(),
-                fc: self.c_fc.clone(),
-                proj: self.c_proj.clone(),
-            };
+        if let Some(branch) = self.mlp_frozen() {
             if let Some(y) = branch.forward_fused(x)? {
                 return Ok(y);
             }
         }
         self.mlp(&self.ln_2.forward(x)?)
+    }
+
+    /// [`ResidualBlock::forward`] on a tensor outside any graph, keeping what
+    /// [`ResidualBlock::backward_kept`] needs, or `None` where the fused branches do not apply.
+    fn forward_keeping(
+        &self,
+        x: &Tensor,
+        causal: bool,
+        hook: Option<(&dyn BlockHook, Tower, usize)>,
+    ) -> Result<Option<(Tensor, BlockActs)>> {
+        let Some((attn, mlp)) = self.frozen_branches(x, causal) else {
+            return Ok(None);
+        };
+        let (a, qkv) = attn.run(x)?;
+        let x1 = (x + a)?;
+        let (m, hidden) = mlp.run(&x1)?;
+        // the hook's graph is dropped: it holds several times the activations kept here, and
+        // running the hook again in the backward costs little next to the frozen branches
+        let hooked = match hook {
+            Some((h, tower, i)) => h.mlp_out(tower, i, &m)?.detach(),
+            None => m.clone(),
+        };
+        let out = (&x1 + hooked)?;
+        Ok(Some((out, BlockActs { qkv, x1, hidden, m })))
+    }
+
+    /// The backward of [`ResidualBlock::forward_keeping`] from `grad` at the block's output:
+    /// the hook runs again in a graph (its parameters' gradients are added into `grads`), and
+    /// the frozen branches' input gradients come from the kept activations. Returns the
+    /// gradient at the block's input `x` when `input_grad` is set.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_kept(
+        &self,
+        x: &Tensor,
+        acts: &BlockActs,
+        grad: &Tensor,
+        causal: bool,
+        hook: Option<(&dyn BlockHook, Tower, usize)>,
+        params: &[Tensor],
+        grads: &mut [Option<Tensor>],
+        input_grad: bool,
+    ) -> Result<Option<Tensor>> {
+        let g_m = match hook {
+            Some((h, tower, i)) => {
+                let m = Var::from_tensor(&acts.m)?;
+                let hooked = h.mlp_out(tower, i, m.as_tensor())?;
+                let mut local = ops::backward_from(&hooked, grad)?;
+                add_grads(params, &mut local, grads)?;
+                local.remove(m.as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("block {i}: no gradient at the hook's input"))
+                })?
+            }
+            None => grad.clone(),
+        };
+        if !input_grad {
+            return Ok(None);
+        }
+        let (attn, mlp) = self.frozen_branches(x, causal).ok_or_else(|| {
+            candle_core::Error::Msg("kept activations need fused branches".into())
+        })?;
+        let g_x1 = (grad + mlp.input_grad(&acts.x1, &acts.hidden, &g_m)?)?;
+        Ok(Some((&g_x1 + attn.input_grad(x, &acts.qkv, &g_x1)?)?))
     }
 
     /// x: [b, l, d] -> [b, l, d]
@@ -302,14 +379,41 @@ impl TextTransformer {
     }
 }
 
+/// What a block's backward needs besides its input, kept by [`Clip::forward_saving`] when
+/// it keeps activations: the packed q|k|v, the residual stream between the branches, the MLP's
+/// hidden activation and its output (the hook's input).
+#[derive(Debug, Clone)]
+pub struct BlockActs {
+    qkv: Tensor,
+    x1: Tensor,
+    hidden: Tensor,
+    m: Tensor,
+}
+
 /// What [`Clip::forward_saving`] keeps of a tower's forward pass.
 #[derive(Debug, Clone)]
 pub struct SavedTower {
     pub tower: Tower,
     /// The input of every block, then the last block's output, all detached.
     pub inputs: Vec<Tensor>,
+    /// Each block's activations, when kept; empty when the backward recomputes the blocks.
+    pub acts: Vec<BlockActs>,
     /// Text: each row's EOT position.
     pub eot: Vec<u32>,
+}
+
+/// Moves the gradients of `params` from `local` (one block's backward) into `grads` (one
+/// entry per parameter), adding to what is there.
+fn add_grads(params: &[Tensor], local: &mut GradStore, grads: &mut [Option<Tensor>]) -> Result<()> {
+    for (p, acc) in params.iter().zip(grads.iter_mut()) {
+        if let Some(g) = local.remove(p) {
+            *acc = Some(match acc.take() {
+                Some(t) => (t + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl SavedTower {
@@ -377,14 +481,29 @@ impl Clip {
         }
     }
 
-    /// A tower's forward pass keeping only each block's input (detached, so no graph is kept):
-    /// the first half of a backward that recomputes one block at a time
-    /// ([`Clip::backward_blocks`]). `input`: pixels or token ids.
+    /// Whether [`Clip::forward_saving`] can keep activations: every block's branches run on
+    /// the fused CPU kernels (f32 compute, frozen layers, QuickGELU, generic ops off).
+    pub fn keeps_activations(&self) -> bool {
+        let probe = |d: &Device| Tensor::zeros(1, DType::F32, d);
+        [Tower::Vision, Tower::Text].iter().all(|&t| {
+            self.blocks(t).iter().all(|b| {
+                probe(b.ln_1.weight.device())
+                    .is_ok_and(|x| b.frozen_branches(&x, t == Tower::Text).is_some())
+            })
+        })
+    }
+
+    /// A tower's forward pass outside any graph, for a backward one block at a time
+    /// ([`Clip::backward_blocks`]). It keeps each block's input, and with `keep_acts` (where
+    /// [`Clip::keeps_activations`]) what the frozen branches' backward needs, so that only the
+    /// hook runs again; without it the backward recomputes each block. `input`: pixels or
+    /// token ids.
     pub fn forward_saving(
         &self,
         tower: Tower,
         input: &Tensor,
         hook: Option<&dyn BlockHook>,
+        keep_acts: bool,
     ) -> Result<SavedTower> {
         let (x, eot) = match tower {
             Tower::Vision => (self.visual.embed(input)?, vec![]),
@@ -392,11 +511,29 @@ impl Clip {
         };
         let causal = tower == Tower::Text;
         let mut inputs = vec![x.detach()];
+        let mut acts = vec![];
         for (i, blk) in self.blocks(tower).iter().enumerate() {
-            let x = blk.forward(inputs.last().unwrap(), causal, hook.map(|h| (h, tower, i)))?;
-            inputs.push(x.detach());
+            let x = inputs.last().unwrap();
+            let hook = hook.map(|h| (h, tower, i));
+            let out = if keep_acts {
+                let (out, a) = blk.forward_keeping(x, causal, hook)?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "block {i}: activations are kept only on the fused CPU kernels"
+                    ))
+                })?;
+                acts.push(a);
+                out
+            } else {
+                blk.forward(x, causal, hook)?.detach()
+            };
+            inputs.push(out);
         }
-        Ok(SavedTower { tower, inputs, eot })
+        Ok(SavedTower {
+            tower,
+            inputs,
+            acts,
+            eot,
+        })
     }
 
     /// The tower's head (not normalised) on `x`, its last block's output: give it a variable
@@ -409,39 +546,43 @@ impl Clip {
     }
 
     /// The backward through a tower's blocks, from `grad` (the loss's gradient with respect to
-    /// the last block's output), recomputing each block from its saved input with `hook`, last
-    /// block first. The gradients of `params` are added into `grads`. Only one block's graph is
-    /// alive at a time.
+    /// the last block's output), last block first: from the kept activations, or recomputing
+    /// each block from its saved input with `hook`. Returns the gradients of `params`, one
+    /// entry each (`None`: not reached from this tower). Only one block's graph is alive at a
+    /// time.
     pub fn backward_blocks(
         &self,
         saved: &SavedTower,
         mut grad: Tensor,
         hook: Option<&dyn BlockHook>,
         params: &[Tensor],
-        grads: &mut GradStore,
-    ) -> Result<()> {
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = vec![None; params.len()];
+        let grads = &mut grads[..];
         let causal = saved.tower == Tower::Text;
         for (i, blk) in self.blocks(saved.tower).iter().enumerate().rev() {
-            let x = Var::from_tensor(&saved.inputs[i])?;
-            let out = blk.forward(x.as_tensor(), causal, hook.map(|h| (h, saved.tower, i)))?;
-            // d/dx of sum(out * grad) is the vector-Jacobian product we need
-            let mut block_grads = (out * &grad)?.sum_all()?.backward()?;
-            for p in params {
-                if let Some(g) = block_grads.remove(p) {
-                    let total = match grads.remove(p) {
-                        Some(t) => (t + g)?,
-                        None => g,
-                    };
-                    grads.insert(p, total);
+            let block_hook = hook.map(|h| (h, saved.tower, i));
+            if let Some(acts) = saved.acts.get(i) {
+                let x = &saved.inputs[i];
+                // the first block's input gradient would only reach the frozen embedding
+                let g =
+                    blk.backward_kept(x, acts, &grad, causal, block_hook, params, grads, i > 0)?;
+                if let Some(g) = g {
+                    grad = g;
                 }
+                continue;
             }
+            let x = Var::from_tensor(&saved.inputs[i])?;
+            let out = blk.forward(x.as_tensor(), causal, block_hook)?;
+            let mut block_grads = ops::backward_from(&out, &grad)?;
+            add_grads(params, &mut block_grads, grads)?;
             if i > 0 {
                 grad = block_grads.remove(x.as_tensor()).ok_or_else(|| {
                     candle_core::Error::Msg(format!("block {i}: no input gradient"))
                 })?;
             }
         }
-        Ok(())
+        Ok(grads.to_vec())
     }
 
     /// pixels [b, 3, H, W] -> L2-normalised [b, embed_dim]

@@ -96,6 +96,11 @@ impl Linear {
         })
     }
 
+    /// Whether this layer is a [`Weight::CpuBf16`].
+    fn is_cpu_bf16(&self) -> bool {
+        matches!(self.weight, Weight::CpuBf16(_))
+    }
+
     /// Whether this layer is frozen and runs on the CPU's fused kernels (f32, or
     /// [`Weight::CpuBf16`]).
     fn frozen_on_cpu(&self) -> bool {
@@ -260,15 +265,7 @@ impl FrozenBranch {
     /// `x` [b, l, d] -> [b, l, d] through one fused node, or `None` where that does not apply
     /// (not f32 on the CPU, generic ops on, a trained layer): the caller then runs the layers.
     pub fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let layers_frozen = match self {
-            FrozenBranch::Attention { attn, .. } => {
-                attn.in_proj.frozen_on_cpu() && attn.out_proj.frozen_on_cpu()
-            }
-            FrozenBranch::QuickGeluMlp { fc, proj, .. } => {
-                fc.frozen_on_cpu() && proj.frozen_on_cpu()
-            }
-        };
-        if !fused_cpu(x) || !layers_frozen {
+        if !self.fuses(x) {
             return Ok(None);
         }
         let op = FrozenBranchOp {
@@ -278,16 +275,31 @@ impl FrozenBranch {
         Ok(Some(x.contiguous()?.apply_op1(op)?))
     }
 
+    /// Whether the fused kernels apply to this branch on `x`: f32 on the CPU, generic ops
+    /// off, every linear layer frozen.
+    pub fn fuses(&self, x: &Tensor) -> bool {
+        let layers_frozen = match self {
+            FrozenBranch::Attention { attn, .. } => {
+                attn.in_proj.frozen_on_cpu() && attn.out_proj.frozen_on_cpu()
+            }
+            FrozenBranch::QuickGeluMlp { fc, proj, .. } => {
+                fc.frozen_on_cpu() && proj.frozen_on_cpu()
+            }
+        };
+        fused_cpu(x) && layers_frozen
+    }
+
     fn ln(&self) -> &LayerNorm {
         match self {
             FrozenBranch::Attention { ln, .. } | FrozenBranch::QuickGeluMlp { ln, .. } => ln,
         }
     }
 
-    /// The branch on a tensor outside any graph: its output and the activation to keep.
-    fn run(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The branch on a tensor outside any graph (where [`FrozenBranch::fuses`]): its output
+    /// and the one activation [`FrozenBranch::input_grad`] needs.
+    pub fn run(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.ln().forward(x)?;
-        Ok(match self {
+        let (y, kept) = match self {
             FrozenBranch::Attention { attn, causal, .. } => {
                 let qkv = attn.in_proj.forward(&h)?;
                 let o = qkv.apply_op1_no_bwd(&kernels::Attention {
@@ -300,12 +312,25 @@ impl FrozenBranch {
                 let hidden = fc.forward(&h)?;
                 (proj.forward(&quick_gelu(&hidden)?)?, hidden)
             }
-        })
+        };
+        // behind bf16 layers, the kept activation is kept in bf16 too (as under PyTorch's
+        // autocast): the backward's products round it to bf16 anyway, and it halves the memory
+        let bf16 = match self {
+            FrozenBranch::Attention { attn, .. } => attn.in_proj.is_cpu_bf16(),
+            FrozenBranch::QuickGeluMlp { fc, .. } => fc.is_cpu_bf16(),
+        };
+        let kept = if bf16 {
+            crate::bf16::store_bf16(&kept)?
+        } else {
+            kept
+        };
+        Ok((y, kept))
     }
 
     /// The gradient at the layer norm's output, from the output's gradient `g` and the kept
     /// activation.
     fn backward_to_ln(&self, kept: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let kept = &crate::bf16::load_f32(kept)?;
         Ok(match self {
             FrozenBranch::Attention { attn, causal, .. } => {
                 let g_o = attn.out_proj.input_grad(g)?;
@@ -323,6 +348,16 @@ impl FrozenBranch {
                 fc.input_grad(&g_h)?
             }
         })
+    }
+
+    /// The gradient at the branch's input `x` from the gradient `g` at its output and the
+    /// activation `kept` that [`FrozenBranch::run`] returned with it.
+    pub fn input_grad(&self, x: &Tensor, kept: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let g_ln = self.backward_to_ln(kept, g)?;
+        let ln = self.ln();
+        let op = kernels::LayerNormBwd { eps: ln.eps as f32 };
+        Ok(x.contiguous()?
+            .apply_op3_no_bwd(&ln.weight, &g_ln.contiguous()?, &op)?)
     }
 }
 
@@ -365,14 +400,7 @@ impl candle_core::CustomOp1 for FrozenBranchOp {
         let kept = self.kept.get().ok_or_else(|| {
             candle_core::Error::Msg("frozen-branch: backward before forward".into())
         })?;
-        let g_ln = self.branch.backward_to_ln(kept, grad).map_err(err)?;
-        let ln = self.branch.ln();
-        let op = kernels::LayerNormBwd { eps: ln.eps as f32 };
-        Ok(Some(x.contiguous()?.apply_op3_no_bwd(
-            &ln.weight,
-            &g_ln.contiguous()?,
-            &op,
-        )?))
+        Ok(Some(self.branch.input_grad(x, kept, grad).map_err(err)?))
     }
 }
 
@@ -431,4 +459,48 @@ pub fn causal_mask(l: usize, device: &candle_core::Device) -> Result<Tensor> {
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     Ok(x.broadcast_div(&norm)?)
+}
+
+/// Candle's backward seeded with the gradient `g` at `x` (same shape): the gradients of
+/// `sum(x * g)`, which is the vector-Jacobian product of everything `x` depends on. On the CPU
+/// the seed is one node whose backward hands `g` on as it is, instead of a product and a sum
+/// over `x` and their backward.
+pub fn backward_from(x: &Tensor, g: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if x.device().is_cpu() && x.dims() == g.dims() && x.dtype() == g.dtype() {
+        return Ok(x.apply_op1(SeedGrad(g.clone()))?.backward()?);
+    }
+    Ok((x * g)?.sum_all()?.backward()?)
+}
+
+/// [`backward_from`]'s seed: a scalar node over `x` whose gradient at `x` is the tensor it
+/// holds. Its value is never read (it is 0), only its backward.
+struct SeedGrad(Tensor);
+
+impl candle_core::CustomOp1 for SeedGrad {
+    fn name(&self) -> &'static str {
+        "seed-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((candle_core::CpuStorage::F32(vec![0.0]), ().into()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // the backward starts from 1 at this scalar; anything else scales the seed
+        let one = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? == 1.0;
+        Ok(Some(if one {
+            self.0.clone()
+        } else {
+            self.0.broadcast_mul(&grad.to_dtype(self.0.dtype())?)?
+        }))
+    }
 }

@@ -153,7 +153,8 @@ fn frozen_weights_get_no_gradient_trained_ones_do() -> Result<()> {
 }
 
 /// The fused frozen branches (one graph node each) against their layers run one by one, with
-/// f32 and with bf16 weights: same output, same input gradient, no gradient for any weight.
+/// f32 and with bf16 weights: same output, same input gradient (to the bf16 rounding of the
+/// kept activation with bf16 weights), no gradient for any weight.
 #[test]
 fn fused_branches_match_their_layers() -> Result<()> {
     let x = (randn(&[3, 5, 24], 13)? * 2.0)?;
@@ -165,7 +166,8 @@ fn fused_branches_match_their_layers() -> Result<()> {
     let fc = Linear::new(randn(&[40, 24], 14)?, Some(randn(&[40], 15)?))?;
     let proj = Linear::new(randn(&[24, 40], 16)?, Some(randn(&[24], 17)?))?;
     let attn = MultiHeadAttention {
-        in_proj: Linear::new(randn(&[72, 24], 21)?, Some(randn(&[72], 22)?))?,
+        // scaled as trained weights are, so that the softmax is not saturated
+        in_proj: Linear::new((randn(&[72, 24], 21)? * 0.2)?, Some(randn(&[72], 22)?))?,
         out_proj: Linear::new(randn(&[24, 24], 23)?, Some(randn(&[24], 24)?))?,
         heads: 4,
     };
@@ -204,8 +206,21 @@ fn fused_branches_match_their_layers() -> Result<()> {
                 })
             };
             let (f, g) = grads(&x, fused, layers)?;
-            eprintln!("fused {name} {dtype:?}: forward {f:.1e}, gradient {g:.1e}");
-            assert!(f < 1e-5 && g < 1e-5, "{name} {dtype:?}: {f} {g}");
+            // behind bf16 layers the kept activation is stored in bf16 (relative rounding
+            // 2^-9), which reaches the input gradient: within 1% of the largest gradient
+            let g_tol = if dtype == DType::F32 {
+                1e-5
+            } else {
+                let v = Var::from_tensor(&x)?;
+                let r = randn(&[3, 5, 24], 99)?;
+                let gs = (layers(v.as_tensor())? * r)?.sum_all()?.backward()?;
+                let g_max = gs.get(v.as_tensor()).unwrap().abs()?.max_all()?;
+                0.01 * g_max.to_scalar::<f32>()?
+            };
+            eprintln!(
+                "fused {name} {dtype:?}: forward {f:.1e}, gradient {g:.1e} (bound {g_tol:.1e})"
+            );
+            assert!(f < 1e-5 && g < g_tol, "{name} {dtype:?}: {f} {g}");
             let v = Var::from_tensor(&x)?;
             let gs = fused(v.as_tensor())?.sum_all()?.backward()?;
             assert!(gs.get(v.as_tensor()).is_some());

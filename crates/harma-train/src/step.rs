@@ -1,7 +1,12 @@
-//! One training step's loss and gradients, either through Candle's backward over the whole
-//! graph, or recomputing one block at a time (`--recompute`): the forward pass keeps only each
-//! block's input, and the backward re-runs each block, last first, to get its gradients. That
-//! holds the activations of one block instead of all 24, for one more forward pass.
+//! One training step's loss and gradients, one of three ways:
+//! - kept activations (the default on the CPU's fused kernels): the forward pass runs outside
+//!   any graph and keeps, per block, its input and what the frozen branches' backward needs;
+//!   the backward goes block by block, last first, running only the adapters again in a graph.
+//! - recompute (`--recompute`): the forward pass keeps only each block's input, and the
+//!   backward re-runs each block to get its gradients: the activations of one block instead of
+//!   all 24, for one more forward pass.
+//! - Candle's backward over the whole graph, where the fused kernels do not apply (a GPU,
+//!   GELU, generic ops).
 
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -20,15 +25,21 @@ pub fn loss_and_grads(
     cfg: &LossConfig,
     recompute: bool,
 ) -> Result<(LossTerms, GradStore)> {
-    if !recompute {
+    let keep_acts = !recompute;
+    if keep_acts && !model.keeps_activations() {
         let img = model.encode_image(pixels, Some(adapters))?;
         let txt = model.encode_text(ids, Some(adapters))?;
         let terms = harma_loss(&img, &txt, &adapters.temp, image_ids, cfg)?;
         let grads = terms.total.backward()?;
         return Ok((terms, grads));
     }
-    let vision = model.forward_saving(Tower::Vision, pixels, Some(adapters))?;
-    let text = model.forward_saving(Tower::Text, ids, Some(adapters))?;
+    // the towers are independent until the loss: run them side by side, so that one tower's
+    // serial stretches (small ops, graph bookkeeping) overlap the other's parallel kernels
+    let (vision, text) = rayon::join(
+        || model.forward_saving(Tower::Vision, pixels, Some(adapters), keep_acts),
+        || model.forward_saving(Tower::Text, ids, Some(adapters), keep_acts),
+    );
+    let (vision, text) = (vision?, text?);
     let (v_out, t_out) = (
         Var::from_tensor(vision.last())?,
         Var::from_tensor(text.last())?,
@@ -37,11 +48,25 @@ pub fn loss_and_grads(
     let txt = harma_clip::ops::l2_normalize(&model.head(&text, t_out.as_tensor())?)?;
     let terms = harma_loss(&img, &txt, &adapters.temp, image_ids, cfg)?;
     let mut grads = terms.total.backward()?;
-    for (saved, out) in [(&vision, &v_out), (&text, &t_out)] {
-        let g = grads
+    let mut tower_grad = |saved: &harma_clip::SavedTower, out: &Var| {
+        grads
             .remove(out.as_tensor())
-            .ok_or_else(|| anyhow::anyhow!("no gradient reached the {:?} tower", saved.tower))?;
-        model.backward_blocks(saved, g, Some(adapters), params, &mut grads)?;
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached the {:?} tower", saved.tower))
+    };
+    let (g_v, g_t) = (tower_grad(&vision, &v_out)?, tower_grad(&text, &t_out)?);
+    let (from_v, from_t) = rayon::join(
+        || model.backward_blocks(&vision, g_v, Some(adapters), params),
+        || model.backward_blocks(&text, g_t, Some(adapters), params),
+    );
+    for (p, (a, b)) in params.iter().zip(from_v?.into_iter().zip(from_t?)) {
+        // a parameter shared by the towers gets both; the loss may have given it one too
+        for g in [a, b].into_iter().flatten() {
+            let total = match grads.remove(p) {
+                Some(t) => (t + g)?,
+                None => g,
+            };
+            grads.insert(p, total);
+        }
     }
     Ok((terms, grads))
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Checkpoint, Clip, ClipConfig};
@@ -51,6 +52,39 @@ impl Setup {
             adapters,
             vars,
         })
+    }
+
+    /// `harma_train::step::loss_and_grads` on the batch: the backward from kept activations,
+    /// or with `recompute` one block at a time.
+    fn step(&self, recompute: bool) -> Result<(LossTerms, GradStore)> {
+        let params: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        harma_train::step::loss_and_grads(
+            &self.model,
+            &self.adapters,
+            &params,
+            (&self.pixels, &self.ids),
+            &self.image_ids,
+            &LossConfig::default(),
+            recompute,
+        )
+    }
+
+    /// Every trainable tensor's gradient in `grads`, in `vars` order; `how` names the source
+    /// in the panic when one is missing.
+    fn grads_of(&self, grads: &GradStore, how: &str) -> Vec<Tensor> {
+        self.vars
+            .iter()
+            .map(|(name, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient ({how})"))
+                    .clone()
+            })
+            .collect()
     }
 
     /// The objective on the batch with the adapters' current values.
@@ -102,63 +136,95 @@ fn bf16_backbone_gradients_follow_the_original() -> Result<()> {
     let mut s = Setup::new()?;
     s.model = s.model.with_linear_dtype(DType::BF16)?;
     let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
-    let grads = s.loss()?.total.backward()?;
-    let pairs: Vec<(String, Tensor, Tensor)> = s
-        .vars
-        .iter()
-        .map(|(name, var)| {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient reached {name}"));
-            let key = match name.as_str() {
-                "temp" => "grad.temp".to_string(),
-                n => format!("grad.model.{n}"),
-            };
-            (name.clone(), g.clone(), want[&key].clone())
-        })
-        .collect();
-    let a = GradAgreement::measure(pairs.iter().map(|(n, g, w)| (n.as_str(), g, w)))?;
-    eprintln!(
-        "bf16 backbone: gradient error {:.1e} of its norm; lowest cosine {:.4} ({})",
-        a.rel_err, a.worst_cosine, a.worst_tensor
-    );
-    assert_eq!(a.tensors, s.vars.len());
-    assert!(a.rel_err < 0.05 && a.worst_cosine > 0.9, "{a:?}");
+    // the whole graph, then the default backward (its kept activations in bf16)
+    let kept = s.step(false)?.1;
+    for (how, grads) in [("whole graph", s.loss()?.total.backward()?), ("kept", kept)] {
+        let pairs: Vec<(String, Tensor, Tensor)> = s
+            .vars
+            .iter()
+            .zip(s.grads_of(&grads, how))
+            .map(|((name, _), g)| {
+                let key = match name.as_str() {
+                    "temp" => "grad.temp".to_string(),
+                    n => format!("grad.model.{n}"),
+                };
+                (name.clone(), g, want[&key].clone())
+            })
+            .collect();
+        let a = GradAgreement::measure(pairs.iter().map(|(n, g, w)| (n.as_str(), g, w)))?;
+        eprintln!(
+            "bf16 backbone, {how}: gradient error {:.1e} of its norm; lowest cosine {:.4} ({})",
+            a.rel_err, a.worst_cosine, a.worst_tensor
+        );
+        assert_eq!(a.tensors, s.vars.len());
+        assert!(a.rel_err < 0.05 && a.worst_cosine > 0.9, "{how}: {a:?}");
+    }
     Ok(())
 }
 
-/// `--recompute`: recomputing one block at a time gives the same loss and gradients as the
-/// backward over the whole graph, for every trainable tensor.
-#[test]
-fn recomputing_blocks_gives_the_same_gradients() -> Result<()> {
-    let s = Setup::new()?;
-    let params: Vec<Tensor> = s.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let run = |recompute| {
-        harma_train::step::loss_and_grads(
-            &s.model,
-            &s.adapters,
-            &params,
-            (&s.pixels, &s.ids),
-            &s.image_ids,
-            &LossConfig::default(),
-            recompute,
-        )
-    };
-    let (t0, g0) = run(false)?;
-    let (t1, g1) = run(true)?;
-    let (l0, l1) = (t0.total.to_scalar::<f32>()?, t1.total.to_scalar::<f32>()?);
-    assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{l0} vs {l1}");
-    let mut worst = 0f32;
-    for (name, p) in s.vars.iter().map(|(n, v)| (n, v.as_tensor())) {
-        let (a, b) = (g0.get(p).unwrap(), g1.get(p));
-        let b = b.unwrap_or_else(|| panic!("{name}: no gradient when recomputing"));
-        let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let err = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale;
-        assert!(scale > 0.0, "{name}");
-        worst = worst.max(err);
+/// The three ways `loss_and_grads` can take (Candle's backward over the whole graph, the
+/// backward from kept activations, recomputing one block at a time) give the same loss and
+/// the same gradient for every trainable tensor. Returns the kept-activation gradients.
+fn backward_strategies_agree(s: &Setup) -> Result<Vec<Tensor>> {
+    let graph = s.loss()?;
+    let want = s.grads_of(&graph.total.backward()?, "whole graph");
+    let l0 = graph.total.to_scalar::<f32>()?;
+    let mut kept = vec![];
+    for recompute in [false, true] {
+        let (terms, grads) = s.step(recompute)?;
+        let l1 = terms.total.to_scalar::<f32>()?;
+        assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{l0} vs {l1}");
+        let got = s.grads_of(&grads, &format!("recompute {recompute}"));
+        let a = GradAgreement::measure(
+            s.vars
+                .iter()
+                .zip(got.iter().zip(&want))
+                .map(|((n, _), (g, w))| (n.as_str(), g, w)),
+        )?;
+        eprintln!("recompute {recompute} vs the whole graph: {a:?}");
+        assert_eq!(a.tensors, s.vars.len());
+        assert!(a.rel_err <= 1e-5 && a.worst_cosine >= 1.0 - 1e-6, "{a:?}");
+        if !recompute {
+            kept = got;
+        }
     }
-    eprintln!("recompute vs full graph: worst gradient error {worst:.1e} of scale");
-    assert!(worst <= 1e-5, "{worst}");
+    Ok(kept)
+}
+
+/// `--recompute` and the default backward from kept activations give the gradients of the
+/// backward over the whole graph.
+#[test]
+fn every_backward_gives_the_same_gradients() -> Result<()> {
+    backward_strategies_agree(&Setup::new()?)?;
+    Ok(())
+}
+
+/// With mini-adapters in both towers (`--sharing both`) and every tensor away from its
+/// initial zeros, the towers' backward passes (run side by side) still add up to the whole
+/// graph's gradients.
+#[test]
+fn both_towers_adapters_get_the_whole_graphs_gradients() -> Result<()> {
+    let mut s = Setup::new()?;
+    let acfg = AdapterConfig {
+        sharing: harma_adapters::Sharing::Both,
+        ..AdapterConfig::default()
+    };
+    let mut rng = harma_data::rng::Rng::new(7);
+    let fresh = harma_adapters::init_tensors(&s.cfg, &acfg, &mut || rng.uniform(), &Device::Cpu)?;
+    let mut moved = std::collections::HashMap::new();
+    for (name, t) in fresh {
+        let noise: Vec<f32> = (0..t.elem_count())
+            .map(|_| (rng.uniform() as f32 - 0.5) * 0.2)
+            .collect();
+        let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu)?;
+        moved.insert(name, (t + noise)?);
+    }
+    (s.adapters, s.vars) = HarmaAdapters::trainable(moved, &s.cfg, &acfg, &Device::Cpu)?;
+    let kept = backward_strategies_agree(&s)?;
+    for ((name, _), g) in s.vars.iter().zip(&kept) {
+        let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
     Ok(())
 }
 
