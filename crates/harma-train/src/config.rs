@@ -108,7 +108,7 @@ pub struct TrainConfig {
     /// the backbone's linear layers: f32 or bf16
     #[serde(default = "d::precision")]
     pub precision: String,
-    /// recompute each block in the backward instead of keeping every activation
+    /// recompute each block in the backward instead of keeping its activations
     #[serde(default)]
     pub recompute: bool,
 }
@@ -303,8 +303,10 @@ pub struct Args {
     #[serde(skip)]
     pub skip_bad: bool,
     /// Keep only each block's input in the forward pass and recompute one block at a time in
-    /// the backward: activation memory of one block instead of all 24, for about 1.4x the time
-    /// (what makes the original's batch 214 fit in a laptop's memory)
+    /// the backward: activation memory of one block instead of all 24, for about 1.3x the time
+    /// (what makes the original's batch 214 fit in a laptop's memory). Without it, on the CPU,
+    /// each block keeps only what its frozen branches' backward needs (in bf16 with
+    /// `--precision bf16`) and the adapters run again in the backward
     #[arg(long)]
     #[serde(skip)]
     pub recompute: bool,
