@@ -733,11 +733,11 @@ mod tests {
         assert!(!link_stays_inside(Path::new("link"), Path::new("/etc")));
     }
 
-    fn zip_with(entries: &[(&str, &[u8])], link: Option<(&str, &str)>) -> PathBuf {
+    /// A zip in `dir` (named by its entry count, so each test archive has its own file).
+    fn zip_with(dir: &Path, entries: &[(&str, &[u8])], link: Option<(&str, &str)>) -> PathBuf {
         use std::io::Write;
-        let path = std::env::temp_dir().join(format!(
-            "harma-unpack-{}-{}.zip",
-            std::process::id(),
+        let path = dir.join(format!(
+            "in-{}.zip",
             entries.len() + link.is_some() as usize * 10
         ));
         let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
@@ -754,12 +754,8 @@ mod tests {
     }
 
     /// A tar whose entry names are written raw (tar::Builder refuses `..` itself).
-    fn tar_with(entries: &[(&str, tar::EntryType, &str)]) -> PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "harma-unpack-{}-{}.tar",
-            std::process::id(),
-            entries.len()
-        ));
+    fn tar_with(dir: &Path, entries: &[(&str, tar::EntryType, &str)]) -> PathBuf {
+        let path = dir.join(format!("in-{}.tar", entries.len()));
         let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
         for (name, kind, link) in entries {
             let mut h = tar::Header::new_old();
@@ -784,7 +780,10 @@ mod tests {
     fn archives_unpack_inside_and_refuse_to_escape() {
         let root = std::env::temp_dir().join(format!("harma-unpack-out-{}", std::process::id()));
         std::fs::remove_dir_all(&root).ok();
+        // the archives are written into `root` too, so that one removal cleans up
+        std::fs::create_dir_all(&root).unwrap();
         let good = zip_with(
+            &root,
             &[("a/b.tif", b"xy"), ("c.txt", b"z")],
             Some(("a/l", "b.tif")),
         );
@@ -793,22 +792,25 @@ mod tests {
         assert_eq!(std::fs::read(root.join("ok/a/b.tif")).unwrap(), b"xy");
         assert!(!root.join("ok/a/l").exists(), "links are not created");
 
-        let evil = zip_with(&[("fine.txt", b"1"), ("../evil.txt", b"2")], None);
+        let evil = zip_with(&root, &[("fine.txt", b"1"), ("../evil.txt", b"2")], None);
         let err = format!("{:#}", unpack(&evil, &root.join("z")).unwrap_err());
         assert!(
             err.contains("../evil.txt") && err.contains("refused"),
             "{err}"
         );
         assert!(!root.join("evil.txt").exists());
-        let link = zip_with(&[("x", b"1")], Some(("l", "../../etc")));
+        let link = zip_with(&root, &[("x", b"1")], Some(("l", "../../etc")));
         let err = format!("{:#}", unpack(&link, &root.join("zl")).unwrap_err());
         assert!(err.contains("points outside"), "{err}");
 
         let r = tar::EntryType::Regular;
-        let t = tar_with(&[
-            ("d/f.txt", r, ""),
-            ("d/g", tar::EntryType::Symlink, "f.txt"),
-        ]);
+        let t = tar_with(
+            &root,
+            &[
+                ("d/f.txt", r, ""),
+                ("d/g", tar::EntryType::Symlink, "f.txt"),
+            ],
+        );
         assert_eq!(unpack(&t, &root.join("t")).unwrap().len(), 1);
         for (name, kind, link) in [
             ("../up.txt", r, ""),
@@ -817,7 +819,7 @@ mod tests {
             ("d/s", tar::EntryType::Symlink, "../../out"),
             ("h", tar::EntryType::Link, "../out"),
         ] {
-            let t = tar_with(&[("ok.txt", r, ""), (name, kind, link)]);
+            let t = tar_with(&root, &[("ok.txt", r, ""), (name, kind, link)]);
             let err = format!("{:#}", unpack(&t, &root.join("te")).unwrap_err());
             assert!(err.contains("refused"), "{name}: {err}");
         }
