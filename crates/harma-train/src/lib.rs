@@ -30,8 +30,8 @@ pub fn keep_freed_memory() {
 /// otherwise. Candle 0.11 runs them on a pool of its own beside rayon's, whose threads spin
 /// for a while after each op: on a 2-core machine they take the cores from our rayon kernels
 /// (and the two towers of a training step, which run side by side, queue on the pool's lock).
-/// With the pool off, a bf16 training step ran 1.29x faster and image embedding 1.28x
-/// (docs/BENCHMARKS.md). Call at the start of `main`, before any Candle op and any thread.
+/// With the pool off, training steps ran 1.29x (bf16) and 1.19x (f32) faster, image embedding
+/// 1.05x (docs/BENCHMARKS.md). Call at the start of `main`, before any Candle op and any thread.
 pub fn candle_ops_on_caller() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // read once, when Candle first builds its pool; no other thread exists yet
