@@ -58,8 +58,7 @@ pub(crate) fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyho
 }
 
 fn main() {
-    harma_train::keep_freed_memory();
-    harma_train::candle_ops_on_caller();
+    harma_train::start_up();
     let cli = Cli::parse();
     // xtask runs from anywhere in the workspace; paths are relative to its root. A binary
     // carried to another machine (gpu-check) runs from the checkout it is started in.

@@ -26,6 +26,13 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// The process-wide settings both binaries (`harma`, `xtask`) start with: call first in `main`,
+/// before any Candle op and any thread, in a program whose global allocator is mimalloc.
+pub fn start_up() {
+    keep_freed_memory();
+    candle_ops_on_caller();
+}
+
 /// Run Candle's element-wise CPU ops on the calling thread, unless `CANDLE_NUM_THREADS` says
 /// otherwise. Candle 0.11 runs them on a pool of its own beside rayon's, whose threads spin
 /// for a while after each op: on a 2-core machine they take the cores from our rayon kernels
