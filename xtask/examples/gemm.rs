@@ -1,5 +1,5 @@
 //! Profile helper: the GEMM shapes of a ViT-B/32 block at batch 32: the forward (x @ w_t, and
-//! `ops::Linear` with its bias) and the backward's input gradient (g @ w_t^T, the weight as a
+//! `nn::Linear` with its bias) and the backward's input gradient (g @ w_t^T, the weight as a
 //! transposed view or contiguous). `cargo run --release -p xtask --example gemm`
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -24,7 +24,12 @@ fn main() -> candle_core::Result<()> {
         let w = w_t.t()?.contiguous()?;
         let fwd = gflops(rows, inp, out, &|| x.matmul(&w_t));
         let b = Tensor::randn(0f32, 1.0, out, &d)?;
-        let lin = harma_clip::ops::Linear::new(w_t.t()?.contiguous()?, Some(b)).unwrap();
+        let lin = harma_kernels::nn::Linear::frozen(
+            w_t.t()?.contiguous()?,
+            Some(b),
+            &harma_kernels::Compute::cpu(),
+        )
+        .unwrap();
         let fused = gflops(rows, inp, out, &|| Ok(lin.forward(&x).unwrap()));
         let bwd_view = gflops(rows, out, inp, &|| g.matmul(&w_t.t()?));
         let bwd_contig = gflops(rows, out, inp, &|| g.matmul(&w));

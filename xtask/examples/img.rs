@@ -12,7 +12,12 @@ fn main() -> anyhow::Result<()> {
     for (name, shape) in harma_clip::checkpoint::expected_shapes(&cfg) {
         map.insert(name, Tensor::zeros(shape, DType::F32, &d)?);
     }
-    let model = Clip::new(VarBuilder::from_tensors(map, DType::F32, &d), &cfg)?;
+    let compute = harma_clip::Compute::cpu();
+    let model = Clip::new(
+        VarBuilder::from_tensors(map, DType::F32, &d),
+        &cfg,
+        &compute,
+    )?;
     let px = Tensor::zeros((32, 3, 224, 224), DType::F32, &d)?;
     model.encode_image(&px, None)?;
     let t = std::time::Instant::now();

@@ -1,14 +1,20 @@
-//! `cargo xtask bench`: embedding throughput at ViT-B/32 size (random weights), batch 32,
-//! with the same workloads run by open_clip in PyTorch in the same invocation when
+//! `cargo xtask bench`: embedding throughput and the training step at ViT-B/32 size (random
+//! weights), evaluation of an RSITMD-sized split from disk and the metrics, with the same
+//! workloads run by open_clip and the original HarMA in PyTorch in the same invocation when
 //! `--torch-python` is given. Prints a table and writes JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Tower};
+use candle_core::{Device, Tensor};
+use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Compute, Kernels, Precision};
+use harma_train::device::ComputeArgs;
+
+use crate::workloads::{
+    caption_ids, child_json, median, peak_rss_gb, random_model, rate, run_python,
+    train_pairs_per_s, FullContext,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,7 +25,7 @@ pub struct Args {
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
     /// A Python with torch and open_clip_torch: run the same workloads in PyTorch too
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PY")]
     torch_python: Option<PathBuf>,
     /// A checkout of the original HarMA repository: with --torch-python, also time its training
     /// step (xtask/bench_torch_train.py)
@@ -40,9 +46,8 @@ pub struct StepArgs {
     /// Recompute one block at a time in the backward (`harma train --recompute`)
     #[arg(long)]
     recompute: bool,
-    /// The backbone's linear layers in bf16 (`harma train --precision bf16`)
-    #[arg(long)]
-    bf16: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     #[arg(long, default_value_t = 3)]
@@ -51,96 +56,19 @@ pub struct StepArgs {
 
 /// Print `{"pairs_per_s", "peak_rss_gb"}` for one training-step mode.
 pub fn run_step(args: &StepArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let mut compute = args.compute.compute()?;
+    if args.naive {
+        compute = compute.with_kernels(Kernels::Generic);
+    }
     let b = args.batch;
     let cfg = ClipConfig::vit_b32_quickgelu();
-    let mut model = random_model(&cfg, &device)?;
-    if args.bf16 {
-        model = model.with_linear_dtype(candle_core::DType::BF16)?;
-    }
-    let tok = ClipTokenizer::new(77)?;
-    let ids = Tensor::from_vec(tok.encode_batch(&captions(b)?)?, (b, 77), &device)?;
-    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
-    harma_clip::ops::set_generic_ops(args.naive);
-    let pairs_per_s = train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters, args.recompute)?;
+    let model = random_model(&cfg, &compute)?;
+    let ids = caption_ids(&cfg, b, &compute.device)?;
+    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &compute.device)?;
+    let pairs_per_s = train_pairs_per_s(&model, &pixels, &ids, args.iters, args.recompute)?;
     let out = serde_json::json!({"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb()});
     println!("{out}");
     Ok(())
-}
-
-/// Run `bench-step` in a child process, with `flags` (`--naive`, `--recompute`, `--bf16`).
-fn step_in_child(flags: &[&str], b: usize, iters: usize) -> Result<serde_json::Value> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["bench-step", "--batch", &b.to_string()])
-        .args(["--iters", &iters.to_string()])
-        .args(flags);
-    crate::run_json(&mut cmd, "bench-step")
-}
-
-/// Random ViT-B/32 weights (std 0.02, layer norms 1/0), like a freshly initialised open_clip.
-pub(crate) fn random_model(cfg: &ClipConfig, device: &Device) -> Result<Clip> {
-    model_from(random_weights(cfg, device)?, cfg, device)
-}
-
-/// The weights of [`random_model`] (seeded: every call gives the same), on `device`.
-pub(crate) fn random_weights(
-    cfg: &ClipConfig,
-    device: &Device,
-) -> Result<std::collections::HashMap<String, Tensor>> {
-    let mut rng = harma_data::rng::Rng::new(0);
-    Ok(harma_clip::checkpoint::random_backbone(
-        cfg,
-        harma_clip::checkpoint::RandomInit::Clip,
-        &mut || rng.uniform(),
-        device,
-    )?)
-}
-
-/// A model on `device` from open_clip-named weights (moved there if elsewhere).
-pub(crate) fn model_from(
-    weights: std::collections::HashMap<String, Tensor>,
-    cfg: &ClipConfig,
-    device: &Device,
-) -> Result<Clip> {
-    Ok(Clip::new(
-        VarBuilder::from_tensors(weights, DType::F32, device),
-        cfg,
-    )?)
-}
-
-/// A hook that changes nothing but, like HarMA's text adapters, needs every position.
-pub(crate) struct FullContext;
-
-impl BlockHook for FullContext {
-    fn mlp_out(&self, _: Tower, _: usize, m: &Tensor) -> harma_clip::Result<Tensor> {
-        Ok(m.clone())
-    }
-}
-
-/// RSITMD test captions, the caption-length distribution of the real task.
-pub(crate) fn captions(n: usize) -> Result<Vec<String>> {
-    let path = "data/annotations/rsitmd_test.json";
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
-    )?;
-    let mut out = Vec::new();
-    for e in v.as_array().context("expected a list")? {
-        for c in e["caption"].as_array().context("caption list")? {
-            out.push(c.as_str().unwrap_or_default().to_string());
-        }
-    }
-    out.truncate(n);
-    Ok(out)
-}
-
-/// Items per second over `iters` timed calls after one warm-up call.
-pub(crate) fn rate(items: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let t = Instant::now();
-    for _ in 0..iters {
-        f()?;
-    }
-    Ok((items * iters) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Forward FLOPs of one transformer block over `l` tokens of width `d`.
@@ -149,37 +77,129 @@ fn block_flops(l: usize, d: usize, mlp: usize) -> f64 {
     2.0 * l * d * (4.0 * d + 2.0 * mlp) + 4.0 * l * l * d
 }
 
-/// The median; of an even count, the mean of the middle two.
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n.is_multiple_of(2) {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
+/// What an embedding workload embeds.
+enum Input<'a> {
+    Images(&'a Tensor),
+    Captions(&'a Tensor, Option<&'a dyn BlockHook>),
+}
+
+/// An embedding workload: a model on an input, its FLOPs per item, and the key of the same
+/// workload in the PyTorch script's output.
+struct EmbedWorkload<'a> {
+    name: &'static str,
+    model: &'a Clip,
+    input: Input<'a>,
+    flops: f64,
+    torch_key: &'static str,
+}
+
+impl EmbedWorkload<'_> {
+    /// Items per second over `iters` batches of `b`.
+    fn rate(&self, b: usize, iters: usize) -> Result<f64> {
+        rate(b, iters, || {
+            match self.input {
+                Input::Images(px) => self.model.encode_image(px, None)?,
+                Input::Captions(ids, hook) => self.model.encode_text(ids, hook)?,
+            };
+            Ok(())
+        })
     }
 }
 
-/// Run a Python bench script (from the workspace root) with `threads` threads; its stdout is JSON.
-pub(crate) fn run_python(
-    py: &PathBuf,
-    script: &str,
-    args: &[&std::ffi::OsStr],
-    threads: usize,
-) -> Result<serde_json::Value> {
-    let mut cmd = std::process::Command::new(py);
-    cmd.arg(script)
-        .args(args)
-        .env("OMP_NUM_THREADS", threads.to_string());
-    crate::run_json(&mut cmd, &format!("{} {script}", py.display()))
+/// Who runs a training-step mode, each in its own process.
+enum Runner {
+    /// `xtask bench-step` with these flags
+    Ours(&'static [&'static str]),
+    /// xtask/bench_torch_train.py, under bf16 autocast or not
+    Torch { bf16: bool },
 }
 
-/// One round of the PyTorch workloads in a fresh process.
-fn torch_round(py: &PathBuf, b: usize, iters: usize, threads: usize) -> Result<serde_json::Value> {
-    let (b, iters) = (b.to_string(), iters.to_string());
-    let args = ["--batch", b.as_str(), "--iters", iters.as_str()].map(std::ffi::OsStr::new);
-    run_python(py, "xtask/bench_torch.py", &args, threads)
+/// A training-step mode, and the mode its ratio column compares it with.
+struct StepMode {
+    name: &'static str,
+    runner: Runner,
+    compared_with: Option<&'static str>,
+}
+
+const STEP_MODES: &[StepMode] = &[
+    StepMode {
+        name: "harma-rs",
+        runner: Runner::Ours(&[]),
+        compared_with: Some("PyTorch"),
+    },
+    StepMode {
+        name: "naive Candle",
+        runner: Runner::Ours(&["--naive"]),
+        compared_with: Some("PyTorch"),
+    },
+    StepMode {
+        name: "PyTorch",
+        runner: Runner::Torch { bf16: false },
+        compared_with: None,
+    },
+    StepMode {
+        name: "--recompute",
+        runner: Runner::Ours(&["--recompute"]),
+        compared_with: Some("PyTorch"),
+    },
+    StepMode {
+        name: "harma-rs bf16",
+        runner: Runner::Ours(&["--precision", "bf16"]),
+        compared_with: Some("PyTorch bf16"),
+    },
+    StepMode {
+        name: "PyTorch bf16",
+        runner: Runner::Torch { bf16: true },
+        compared_with: None,
+    },
+    StepMode {
+        name: "bf16 --recompute",
+        runner: Runner::Ours(&["--precision", "bf16", "--recompute"]),
+        compared_with: Some("PyTorch bf16"),
+    },
+];
+
+/// One measurement of a step mode: `(pairs/s, peak RSS GB)`, or `None` for PyTorch without
+/// `--torch-python` and `--harma-repo`.
+fn step_mode(
+    mode: &StepMode,
+    args: &Args,
+    iters: usize,
+    threads: usize,
+) -> Result<Option<(f64, f64)>> {
+    let j = match mode.runner {
+        Runner::Ours(flags) => {
+            let mut a: Vec<String> = ["bench-step", "--device", "cpu", "--batch"]
+                .map(String::from)
+                .to_vec();
+            a.extend([args.batch.to_string(), "--iters".into(), iters.to_string()]);
+            a.extend(flags.iter().map(|f| f.to_string()));
+            child_json(&a)?
+        }
+        Runner::Torch { bf16 } => {
+            let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) else {
+                return Ok(None);
+            };
+            let (bs, it) = (args.batch.to_string(), iters.to_string());
+            let mut script_args = vec![
+                std::ffi::OsStr::new("--batch"),
+                bs.as_ref(),
+                "--harma-repo".as_ref(),
+                repo.as_os_str(),
+                "--iters".as_ref(),
+                it.as_ref(),
+            ];
+            if bf16 {
+                script_args.push("--bf16".as_ref());
+            }
+            run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?
+        }
+    };
+    let get = |k: &str| {
+        j[k].as_f64()
+            .with_context(|| format!("{}: no {k}", mode.name))
+    };
+    Ok(Some((get("pairs_per_s")?, get("peak_rss_gb")?)))
 }
 
 /// Seconds to evaluate a random `n_img` x `5 n_img` score matrix (5 captions per image).
@@ -203,7 +223,7 @@ fn metrics_seconds(n_img: usize) -> Result<f64> {
 /// `harma eval` on an RSITMD-test-sized split from disk (452 256x256 .tif scenes, 2,260
 /// captions), with the random ViT-B/32: seconds of decoding (busy), embedding (busy), the image
 /// side (overlapped), captions and metrics.
-fn eval_rsitmd_sized(model: &Clip, cfg: &ClipConfig, batch: usize) -> Result<serde_json::Value> {
+fn eval_rsitmd_sized(model: &Clip, batch: usize) -> Result<serde_json::Value> {
     use harma_data::synth::{write_dataset, SynthSizes};
     let dir = std::env::temp_dir().join(format!("harma-bench-eval-{}", std::process::id()));
     let sizes = SynthSizes {
@@ -214,19 +234,20 @@ fn eval_rsitmd_sized(model: &Clip, cfg: &ClipConfig, batch: usize) -> Result<ser
         ext: "tif",
     };
     write_dataset(&dir, sizes, 1)?;
-    let set = harma_train::eval::load_split(&dir.join("test.json"), &dir.join("images"), false)?;
-    let tok = ClipTokenizer::new(cfg.text.context_length)?;
+    let images = dir.join("images");
+    let set = harma_train::eval::load_split(&dir.join("test.json"), &images, false)?;
+    let tok = ClipTokenizer::new(model.config.text.context_length)?;
     let t = Instant::now();
-    let (_, timings) = harma_train::eval::evaluate_split(
+    let encoder = harma_train::encode::Encoder {
         model,
-        None,
-        &tok,
-        &set,
-        &dir.join("images"),
+        hook: None,
         batch,
-        &Device::Cpu,
-        false,
-    )?;
+    };
+    let opts = harma_train::eval::EvalOptions {
+        image_root: &images,
+        progress: false,
+    };
+    let (_, timings) = harma_train::eval::evaluate_split(&encoder, &tok, &set, &opts)?;
     let total = t.elapsed().as_secs_f64();
     std::fs::remove_dir_all(&dir).ok();
     let mut j = serde_json::to_value(&timings)?;
@@ -234,55 +255,6 @@ fn eval_rsitmd_sized(model: &Clip, cfg: &ClipConfig, batch: usize) -> Result<ser
     j["images_count"] = set.images.len().into();
     j["captions_count"] = set.captions.len().into();
     Ok(j)
-}
-
-/// Peak resident memory of this process so far (Linux `VmHWM`), in GB.
-pub(crate) fn peak_rss_gb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1e6)
-        .unwrap_or(f64::NAN)
-}
-
-/// Training pairs per second: forward of both towers with random ViT-B/32 adapters, the HarMA
-/// objective, backward (adapters only) and an AdamW update, at batch `b`.
-pub(crate) fn train_pairs_per_s(
-    model: &Clip,
-    cfg: &ClipConfig,
-    pixels: &Tensor,
-    ids: &Tensor,
-    iters: usize,
-    recompute: bool,
-) -> Result<f64> {
-    use harma_adapters::{AdapterConfig, HarmaAdapters};
-    let device = pixels.device();
-    let acfg = AdapterConfig::default();
-    // fresh adapters as a run starts with them (the values do not change the work)
-    let mut rng = harma_data::rng::Rng::new(1);
-    let tensors = harma_adapters::init_tensors(cfg, &acfg, &mut || rng.uniform(), device)?;
-    let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, device)?;
-    let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let mut opt = harma_train::optim::AdamW::new(vars, Default::default())?;
-    let b = pixels.dim(0)?;
-    let image_ids: Vec<i64> = (0..b as i64).collect();
-    rate(b, iters, || {
-        let (_, grads) = harma_train::step::loss_and_grads(
-            model,
-            &adapters,
-            &params,
-            (pixels, ids),
-            &image_ids,
-            &Default::default(),
-            recompute,
-        )?;
-        opt.step(&grads, 1e-4)?;
-        Ok(device.synchronize()?)
-    })
 }
 
 fn matmul_gflops(device: &Device) -> Result<f64> {
@@ -296,16 +268,24 @@ fn matmul_gflops(device: &Device) -> Result<f64> {
     Ok(r * 2.0 * (m * k * n) as f64 / 1e9)
 }
 
+/// One round of the PyTorch embedding workloads in a fresh process.
+fn torch_round(py: &Path, b: usize, iters: usize, threads: usize) -> Result<serde_json::Value> {
+    let (b, iters) = (b.to_string(), iters.to_string());
+    let args = ["--batch", b.as_str(), "--iters", iters.as_str()].map(std::ffi::OsStr::new);
+    run_python(py, "xtask/bench_torch.py", &args, threads)
+}
+
 pub fn run(args: &Args) -> Result<()> {
-    let device = Device::Cpu;
+    let compute = Compute::cpu();
     let iters = if args.quick { 2 } else { 6 };
     let b = args.batch;
     let cfg = ClipConfig::vit_b32_quickgelu();
-    let model = random_model(&cfg, &device)?;
+    let model = random_model(&cfg, &compute)?;
+    let model_bf16 = model.with_precision(Precision::Bf16)?;
     let tok = ClipTokenizer::new(77)?;
     let mut json = serde_json::Map::new();
-    let caps = captions(b)?;
-    let ids = Tensor::from_vec(tok.encode_batch(&caps)?, (b, 77), &device)?;
+    let caps = crate::workloads::captions(b)?;
+    let ids = caption_ids(&cfg, b, &compute.device)?;
     let lengths = caps
         .iter()
         .map(|c| tok.encode_raw(c).map(|v| (v.len() + 2).min(77)))
@@ -313,135 +293,88 @@ pub fn run(args: &Args) -> Result<()> {
     let mean_tokens = lengths.iter().sum::<usize>() as f64 / b as f64;
     // the text tower runs up to the batch's last end-of-text token
     let cut_len = lengths.iter().copied().max().unwrap_or(77);
-    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &device)?;
+    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &compute.device)?;
 
     let threads = candle_core::utils::get_num_threads();
     let rounds = if args.quick { 1 } else { 5 };
     println!(
         "harma-rs bench: ViT-B/32 random weights, batch {b}, {threads} threads, \
-         {rounds} rounds of {iters} timed batches (ours and PyTorch alternate; medians)"
+         {rounds} rounds of {iters} timed batches (ours and PyTorch alternate; medians); {}",
+        compute.clone().with_precision(Precision::Bf16).describe()
     );
     let v = &cfg.vision;
     let t = &cfg.text;
     let img_flops = v.layers as f64 * block_flops(v.seq_len(), v.width, v.mlp_dim)
         + 2.0 * (v.seq_len() - 1) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
     let txt_flops = t.layers as f64 * block_flops(77, t.width, t.mlp_dim);
-    let names = [
-        "matmul 1600x768x3072 GFLOP/s",
-        "images/s",
-        "captions/s (cut after EOT)",
-        "captions/s (full 77 tokens)",
-        "images/s, bf16",
-        "captions/s (77 tokens), bf16",
-    ];
     let cut_flops = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
-    let flops = [
-        f64::NAN,
-        img_flops,
-        cut_flops,
-        txt_flops,
-        img_flops,
-        txt_flops,
+    let full: Option<&dyn BlockHook> = Some(&FullContext);
+    let workloads = [
+        EmbedWorkload {
+            name: "images/s",
+            model: &model,
+            input: Input::Images(&pixels),
+            flops: img_flops,
+            torch_key: "images_per_s",
+        },
+        EmbedWorkload {
+            name: "captions/s (cut after EOT)",
+            model: &model,
+            input: Input::Captions(&ids, None),
+            flops: cut_flops,
+            torch_key: "captions_per_s",
+        },
+        EmbedWorkload {
+            name: "captions/s (full 77 tokens)",
+            model: &model,
+            input: Input::Captions(&ids, full),
+            flops: txt_flops,
+            torch_key: "captions_per_s",
+        },
+        EmbedWorkload {
+            name: "images/s, bf16",
+            model: &model_bf16,
+            input: Input::Images(&pixels),
+            flops: img_flops,
+            torch_key: "images_per_s_bf16",
+        },
+        EmbedWorkload {
+            name: "captions/s (77 tokens), bf16",
+            model: &model_bf16,
+            input: Input::Captions(&ids, full),
+            flops: txt_flops,
+            torch_key: "captions_per_s_bf16",
+        },
     ];
-    let model_bf16 = model.with_linear_dtype(candle_core::DType::BF16)?;
-    let mut ours: Vec<Vec<f64>> = vec![vec![]; names.len()];
-    let mut theirs: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut gemm = (vec![], vec![]);
+    let mut ours: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
+    let mut theirs: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
     for round in 0..rounds {
-        ours[0].push(matmul_gflops(&device)?);
-        // rows 1.. of `names`: (model, image or text, hook)
-        let full: Option<&dyn harma_clip::BlockHook> = Some(&FullContext);
-        let embeds = [
-            (&model, true, None),
-            (&model, false, None),
-            (&model, false, full),
-            (&model_bf16, true, None),
-            (&model_bf16, false, full),
-        ];
-        for (i, (m, image, hook)) in embeds.into_iter().enumerate() {
-            ours[i + 1].push(rate(b, iters, || {
-                if image {
-                    m.encode_image(&pixels, None)?;
-                } else {
-                    m.encode_text(&ids, hook)?;
-                }
-                Ok(())
-            })?);
+        gemm.0.push(matmul_gflops(&compute.device)?);
+        for (w, o) in workloads.iter().zip(&mut ours) {
+            o.push(w.rate(b, iters)?);
         }
         if let Some(py) = &args.torch_python {
             let j = torch_round(py, b, iters, threads)?;
-            for (i, key) in [
-                "matmul_gflops",
-                "images_per_s",
-                "captions_per_s",
-                "captions_per_s",
-                "images_per_s_bf16",
-                "captions_per_s_bf16",
-            ]
-            .iter()
-            .enumerate()
-            {
-                theirs[i].push(j[key].as_f64().context("PyTorch result")?);
+            gemm.1
+                .push(j["matmul_gflops"].as_f64().context("PyTorch result")?);
+            for (w, th) in workloads.iter().zip(&mut theirs) {
+                th.push(j[w.torch_key].as_f64().context("PyTorch result")?);
             }
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    let gflops = median(&ours[0]);
-    let rows: Vec<(&str, f64, Option<f64>, f64)> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let th = (!theirs[i].is_empty()).then(|| median(&theirs[i]));
-            (*n, median(&ours[i]), th, flops[i])
-        })
-        .collect();
+    let gflops = median(&gemm.0);
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
     // the training step, each mode in its own process (peak memory is per process), alternating
     let step_iters = if args.quick { 1 } else { 3 };
     let step_rounds = if args.quick { 1 } else { 2 };
-    let modes = [
-        "harma-rs",
-        "naive Candle",
-        "PyTorch",
-        "--recompute",
-        "harma-rs bf16",
-        "PyTorch bf16",
-        "bf16 --recompute",
-    ];
-    // each mode's PyTorch counterpart, for the ratio column
-    let torch_of = |m: usize| if m == 4 || m == 6 { 5 } else { 2 };
-    let mut speed: Vec<Vec<f64>> = vec![vec![]; modes.len()];
-    let mut rss: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut measured: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); STEP_MODES.len()];
     for _ in 0..step_rounds {
-        let ours: [(usize, &[&str]); 5] = [
-            (0, &[]),
-            (1, &["--naive"]),
-            (3, &["--recompute"]),
-            (4, &["--bf16"]),
-            (6, &["--bf16", "--recompute"]),
-        ];
-        for (m, flags) in ours {
-            let j = step_in_child(flags, b, step_iters)?;
-            speed[m].push(j["pairs_per_s"].as_f64().context("bench-step")?);
-            rss[m].push(j["peak_rss_gb"].as_f64().context("bench-step")?);
-        }
-        if let (Some(py), Some(repo)) = (&args.torch_python, &args.harma_repo) {
-            let (bs, it) = (b.to_string(), step_iters.to_string());
-            let script_args = [
-                std::ffi::OsStr::new("--batch"),
-                bs.as_ref(),
-                "--harma-repo".as_ref(),
-                repo.as_os_str(),
-                "--iters".as_ref(),
-                it.as_ref(),
-            ];
-            for (m, bf16) in [(2, false), (5, true)] {
-                let mut script_args = script_args.to_vec();
-                if bf16 {
-                    script_args.push("--bf16".as_ref());
-                }
-                let j = run_python(py, "xtask/bench_torch_train.py", &script_args, threads)?;
-                speed[m].push(j["pairs_per_s"].as_f64().context("PyTorch step")?);
-                rss[m].push(j["peak_rss_gb"].as_f64().context("PyTorch step")?);
+        for (mode, (speed, rss)) in STEP_MODES.iter().zip(&mut measured) {
+            if let Some((s, m)) = step_mode(mode, args, step_iters, threads)? {
+                speed.push(s);
+                rss.push(m);
             }
         }
         eprintln!("training-step round done");
@@ -457,29 +390,30 @@ pub fn run(args: &Args) -> Result<()> {
         "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
     );
     let mut train_json = serde_json::Map::new();
-    for m in 0..modes.len() {
-        if speed[m].is_empty() {
+    let medians = |name: &str| {
+        let i = STEP_MODES.iter().position(|m| m.name == name)?;
+        let (s, m) = &measured[i];
+        (!s.is_empty()).then(|| (median(s), median(m)))
+    };
+    for (mode, (speed, _)) in STEP_MODES.iter().zip(&measured) {
+        let Some((sp, mem)) = medians(mode.name) else {
             continue;
-        }
-        let (sp, mem) = (median(&speed[m]), median(&rss[m]));
-        let t = torch_of(m);
-        let vs = if m != t && !speed[t].is_empty() {
-            let (ts, tm) = (median(&speed[t]), median(&rss[t]));
-            format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm)
-        } else {
-            "-".into()
+        };
+        let vs = match mode.compared_with.and_then(medians) {
+            Some((ts, tm)) => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
+            None => "-".into(),
         };
         let share = 100.0 * sp * pair_flops / 1e9 / gflops;
         println!(
             "{:<18} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
-            modes[m], share
+            mode.name, share
         );
         train_json.insert(
-            modes[m].into(),
-            serde_json::json!({"pairs_per_s": sp, "peak_rss_gb": mem, "runs": speed[m]}),
+            mode.name.into(),
+            serde_json::json!({"pairs_per_s": sp, "peak_rss_gb": mem, "runs": speed}),
         );
     }
-    let ev = eval_rsitmd_sized(&model, &cfg, b)?;
+    let ev = eval_rsitmd_sized(&model, b)?;
     let sec = |k: &str| ev[k].as_f64().unwrap_or(f64::NAN);
     println!(
         "evaluation, RSITMD-test-sized ({} .tif 256x256 images, {} captions, from disk): {:.1} s \
@@ -505,7 +439,18 @@ pub fn run(args: &Args) -> Result<()> {
         "{:<30} {:>10} {:>10} {:>8} {:>11} {:>12}",
         "workload", "harma-rs", "PyTorch", "ratio", "GFLOP/item", "matmul share"
     );
-    for (name, ours, theirs, flops) in &rows {
+    let gemm_torch = (!gemm.1.is_empty()).then(|| median(&gemm.1));
+    let rows = std::iter::once(("matmul 1600x768x3072 GFLOP/s", gflops, gemm_torch, f64::NAN))
+        .chain(
+            workloads
+                .iter()
+                .zip(ours.iter().zip(&theirs))
+                .map(|(w, (o, th))| {
+                    let th = (!th.is_empty()).then(|| median(th));
+                    (w.name, median(o), th, w.flops)
+                }),
+        );
+    for (name, ours, theirs, flops) in rows {
         let (share, per_item) = if flops.is_nan() {
             (String::new(), String::new())
         } else {

@@ -21,17 +21,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
-use harma_clip::{Clip, ClipConfig, ClipTokenizer};
+use harma_clip::{Clip, ClipConfig, Compute, Kernels, Precision};
+use harma_train::device::{ComputeArgs, DeviceArg};
 
-use crate::bench::{captions, model_from, random_model, random_weights, rate, run_python};
+use crate::workloads::{
+    caption_ids, child_json, model_from, random_model, random_weights, rate, run_python,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// auto (CUDA when built with it and a GPU is visible, else the CPU), cpu, cuda or cuda:N
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Model size: vit-b32 (the real one) or tiny (2 small blocks, for testing this command)
     #[arg(long, default_value = "vit-b32")]
     model: String,
@@ -55,8 +57,8 @@ pub struct Args {
 /// One measurement in its own process (run by `gpu-check`).
 #[derive(Debug, clap::Args)]
 pub struct StepArgs {
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[arg(long, default_value = "vit-b32")]
     model: String,
     #[arg(long)]
@@ -64,9 +66,6 @@ pub struct StepArgs {
     /// images, captions, train or train-naive
     #[arg(long)]
     mode: String,
-    /// f32 or bf16 (the backbone's linear layers)
-    #[arg(long, default_value = "f32")]
-    precision: String,
     #[arg(long, default_value_t = 5)]
     iters: usize,
 }
@@ -109,14 +108,14 @@ struct Outputs {
     grads: Vec<(String, Tensor)>,
 }
 
-fn outputs(model: &Clip, cfg: &ClipConfig, pixels: &Tensor, ids: &Tensor) -> Result<Outputs> {
-    let device = pixels.device();
+fn outputs(model: &Clip, pixels: &Tensor, ids: &Tensor) -> Result<Outputs> {
+    let (cfg, compute) = (&model.config, &model.compute);
     let tensors = random_adapters(cfg)?
         .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(device)?)))
+        .map(|(k, v)| Ok((k, v.to_device(&compute.device)?)))
         .collect::<Result<_>>()?;
     let acfg = AdapterConfig::default();
-    let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, device)?;
+    let (adapters, vars) = HarmaAdapters::trainable(tensors, cfg, &acfg, compute)?;
     let image = model.encode_image(pixels, Some(&adapters))?;
     let text = model.encode_text(ids, Some(&adapters))?;
     let image_ids: Vec<i64> = (0..pixels.dim(0)? as i64).collect();
@@ -150,9 +149,7 @@ fn max_abs(t: &Tensor) -> Result<f32> {
 }
 
 fn inputs(cfg: &ClipConfig, b: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let tok = ClipTokenizer::new(cfg.text.context_length)?;
-    let ctx = cfg.text.context_length;
-    let ids = Tensor::from_vec(tok.encode_batch(&captions(b)?)?, (b, ctx), device)?;
+    let ids = caption_ids(cfg, b, device)?;
     let s = cfg.vision.image_size;
     let mut rng = harma_data::rng::Rng::new(3);
     let px: Vec<f32> = (0..b * 3 * s * s)
@@ -165,23 +162,23 @@ fn inputs(cfg: &ClipConfig, b: usize, device: &Device) -> Result<(Tensor, Tensor
 /// The parity section of the report.
 fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
     let b = 4;
-    let cpu = Device::Cpu;
+    let cpu = Compute::cpu();
     // drawn once, for both sides
-    let weights = random_weights(cfg, &cpu)?;
+    let weights = random_weights(cfg, &cpu.device)?;
     let model_cpu = model_from(weights.clone(), cfg, &cpu)?;
-    let (px, ids) = inputs(cfg, b, &cpu)?;
-    let want = outputs(&model_cpu, cfg, &px, &ids)?;
+    let (px, ids) = inputs(cfg, b, &cpu.device)?;
+    let want = outputs(&model_cpu, &px, &ids)?;
     // on the CPU the device side is the generic path: the ops a GPU runs
-    let previous = harma_clip::ops::set_generic_ops(device.is_cpu());
-    let model = model_from(weights, cfg, device)?;
+    let mut compute = Compute::new(device.clone(), Precision::F32);
+    if device.is_cpu() {
+        compute = compute.with_kernels(Kernels::Generic);
+    }
+    let model = model_from(weights, cfg, &compute)?;
     let (pxd, idsd) = (px.to_device(device)?, ids.to_device(device)?);
-    let got = outputs(&model, cfg, &pxd, &idsd);
-    let bf16 = model
-        .with_linear_dtype(DType::BF16)
-        .and_then(|m| Ok((m.encode_image(&pxd, None)?, m.encode_text(&idsd, None)?)));
-    harma_clip::ops::set_generic_ops(previous);
-    let got = got?;
-    let (bf_img, bf_txt) = bf16?;
+    let got = outputs(&model, &pxd, &idsd)?;
+    let m = model.with_precision(Precision::Bf16)?;
+    let (bf_img, bf_txt) = (m.encode_image(&pxd, None)?, m.encode_text(&idsd, None)?);
+    let cpu = &cpu.device;
     let plain_img = model_cpu.encode_image(&px, None)?;
     let plain_txt = model_cpu.encode_text(&ids, None)?;
     let image_err = max_abs(&(&got.image - &want.image)?)?;
@@ -193,8 +190,8 @@ fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
             .zip(&want.grads)
             .map(|((name, g), (_, w))| (name.as_str(), g, w)),
     )?;
-    let bf16_img_err = max_abs(&(bf_img.to_device(&cpu)? - &plain_img)?)?;
-    let bf16_txt_err = max_abs(&(bf_txt.to_device(&cpu)? - &plain_txt)?)?;
+    let bf16_img_err = max_abs(&(bf_img.to_device(cpu)? - &plain_img)?)?;
+    let bf16_txt_err = max_abs(&(bf_txt.to_device(cpu)? - &plain_txt)?)?;
     let pass = image_err <= 1e-4
         && text_err <= 1e-4
         && loss_err <= 1e-4
@@ -232,28 +229,31 @@ fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
 
 /// `gpu-step`: print `{"items_per_s", "peak_rss_gb"}` for one measurement.
 pub fn run_step(args: &StepArgs) -> Result<()> {
-    let device = harma_train::device::parse(&args.device)?;
+    let mut compute = args.compute.compute()?;
+    if args.mode == "train-naive" {
+        compute = compute.with_kernels(Kernels::Generic);
+    }
+    let device = compute.device.clone();
     let cfg = model_config(&args.model)?;
-    let dtype = harma_train::device::parse_precision(&args.precision)?;
     let b = args.batch;
-    let model = random_model(&cfg, &device)?.with_linear_dtype(dtype)?;
+    let model = random_model(&cfg, &compute)?;
     let (pixels, ids) = inputs(&cfg, b, &device)?;
-    harma_clip::ops::set_generic_ops(args.mode == "train-naive");
     let per_s = match args.mode.as_str() {
         "images" => rate(b, args.iters, || {
             model.encode_image(&pixels, None)?;
             Ok(device.synchronize()?)
         })?,
         "captions" => rate(b, args.iters, || {
-            model.encode_text(&ids, Some(&crate::bench::FullContext))?;
+            model.encode_text(&ids, Some(&crate::workloads::FullContext))?;
             Ok(device.synchronize()?)
         })?,
         "train" | "train-naive" => {
-            crate::bench::train_pairs_per_s(&model, &cfg, &pixels, &ids, args.iters, false)?
+            crate::workloads::train_pairs_per_s(&model, &pixels, &ids, args.iters, false)?
         }
         other => bail!("--mode {other}: expected images, captions, train or train-naive"),
     };
-    let out = serde_json::json!({"items_per_s": per_s, "peak_rss_gb": crate::bench::peak_rss_gb()});
+    let out =
+        serde_json::json!({"items_per_s": per_s, "peak_rss_gb": crate::workloads::peak_rss_gb()});
     println!("{out}");
     Ok(())
 }
@@ -326,19 +326,21 @@ fn step_in_child(
         m.peak_gb()
     });
     let mem = ordinal.and_then(GpuMemory::start);
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["gpu-step", "--device", &args.device, "--model", &args.model])
-        .args([
-            "--batch",
-            &b.to_string(),
-            "--mode",
-            mode,
-            "--precision",
-            prec,
-        ])
-        .args(["--iters", &args.iters.to_string()]);
-    let what = format!("gpu-step --batch {b} --mode {mode} --precision {prec}");
-    let j = crate::run_json(&mut cmd, &what)?;
+    let j = child_json(&[
+        "gpu-step".into(),
+        "--device".into(),
+        args.device.spec.to_string(),
+        "--model".into(),
+        args.model.clone(),
+        "--batch".into(),
+        b.to_string(),
+        "--mode".into(),
+        mode.into(),
+        "--precision".into(),
+        prec.into(),
+        "--iters".into(),
+        args.iters.to_string(),
+    ])?;
     let per_s = j["items_per_s"]
         .as_f64()
         .context("gpu-step printed no rate")?;
@@ -350,9 +352,9 @@ fn step_in_child(
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let device = harma_train::device::parse(&args.device)?;
+    let device = args.device.spec.device()?;
     let cfg = model_config(&args.model)?;
-    let dev_name = harma_train::device::describe(&device);
+    let dev_name = Compute::new(device.clone(), Precision::F32).describe();
     println!("harma-rs gpu-check on {dev_name}, model {}", args.model);
     let mut report = serde_json::Map::new();
     report.insert("device".into(), dev_name.clone().into());

@@ -5,6 +5,7 @@ mod bench;
 mod cuda;
 mod fetch;
 mod gpucheck;
+mod workloads;
 
 // Candle allocates a fresh buffer per op; mimalloc reuses freed pages where glibc returns
 // large blocks to the kernel and takes a page fault on every first touch.
@@ -58,7 +59,7 @@ pub(crate) fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyho
 }
 
 fn main() {
-    harma_train::start_up();
+    harma_kernels::runtime::start_up();
     let cli = Cli::parse();
     // xtask runs from anywhere in the workspace; paths are relative to its root. A binary
     // carried to another machine (gpu-check) runs from the checkout it is started in.

@@ -6,12 +6,15 @@
 //! `a = sigmoid(gate1)`), <https://github.com/seekerhuang/HarMA>. Keys are the original's, so
 //! checkpoints load both ways.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use harma_clip::ops::{Linear, MultiHeadAttention};
-use harma_clip::{BlockHook, ClipConfig, Tower};
+use harma_clip::{BlockHook, ClipConfig, Compute, Kernels, Tower};
+use harma_kernels::nn::{Linear, MultiHeadAttention};
 
 /// Errors of the adapter crate.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +23,8 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Clip(#[from] harma_clip::Error),
+    #[error(transparent)]
+    Read(#[from] harma_checkpoint::Error),
     #[error("{0}")]
     Msg(String),
 }
@@ -27,15 +32,50 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Which blocks get a BiShareAdapter inside their MMadapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Sharing {
-    /// The released code: text blocks only (the default; released checkpoints use it).
+    /// The released code: text blocks only (released checkpoints use it)
+    #[default]
     Text,
-    /// The paper's figure: text block i and image block i share one mini-adapter.
+    /// The paper's figure: text block i and image block i share one mini-adapter
     Both,
-    /// No mini-adapters.
+    /// No mini-adapters
     None,
+}
+
+/// Whether a (prefix-stripped) checkpoint key is one of HarMA's trainable tensors: an
+/// adapter's, a gate, or the temperature.
+pub fn is_adapter_key(key: &str) -> bool {
+    key == "temp" || key.contains(".mmadapter.") || key.ends_with(".gate1")
+}
+
+/// The adapter tensors of a file, `model.`/`module.` prefixes removed: an adapters-only
+/// safetensors file (a run's `adapters.safetensors`), or a whole HarMA checkpoint whose
+/// backbone is ignored.
+pub fn load_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let adapters: HashMap<String, Tensor> = harma_checkpoint::format::load_tensors(path)?
+        .into_iter()
+        .map(|(k, t)| (harma_checkpoint::strip_prefixes(&k).to_string(), t))
+        .filter(|(k, _)| is_adapter_key(k))
+        .collect();
+    if adapters.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no adapter tensors (keys with `.mmadapter.`, `.gate1` or `temp`)",
+            path.display()
+        )));
+    }
+    Ok(adapters)
 }
 
 /// Adapter sizes; the defaults are the paper's.
@@ -171,24 +211,28 @@ pub fn init_tensors(
 // Adapter layers read their tensors at every forward (`Linear::trained`, gates through
 // `sigmoid` in `forward`), so optimiser updates to the variables take effect.
 
-fn mha(vb: &VarBuilder, d: usize, heads: usize) -> Result<MultiHeadAttention> {
+fn mha(vb: &VarBuilder, d: usize, heads: usize, kernels: Kernels) -> Result<MultiHeadAttention> {
     Ok(MultiHeadAttention {
         in_proj: Linear::trained(
             vb.get((3 * d, d), "in_proj_weight")?,
             Some(vb.get(3 * d, "in_proj_bias")?),
+            kernels,
         ),
         out_proj: Linear::trained(
             vb.get((d, d), "out_proj.weight")?,
             Some(vb.get(d, "out_proj.bias")?),
+            kernels,
         ),
         heads,
+        kernels,
     })
 }
 
-fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
+fn linear(vb: &VarBuilder, out: usize, inp: usize, kernels: Kernels) -> Result<Linear> {
     Ok(Linear::trained(
         vb.get((out, inp), "weight")?,
         Some(vb.get(out, "bias")?),
+        kernels,
     ))
 }
 
@@ -197,9 +241,18 @@ fn gate(vb: &VarBuilder, name: &str) -> Result<Tensor> {
     Ok(vb.get((), name)?)
 }
 
-/// `s * a + (1 - s) * b` with `s = sigmoid(gate)`.
-fn mix(gate: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(harma_clip::ops::gated_mix(gate, a, b)?)
+/// HarMA's gated mix `s * a + (1 - s) * b` with `s = sigmoid(gate)` (`gate` a scalar): one
+/// fused node on the fused kernels, Candle's ops otherwise.
+pub fn gated_mix(gate: &Tensor, a: &Tensor, b: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels == Kernels::Fused && a.dims() == b.dims() && b.dtype() == DType::F32 {
+        return Ok(a.contiguous()?.apply_op3(
+            &b.contiguous()?,
+            gate,
+            harma_kernels::ops::GatedMix,
+        )?);
+    }
+    let s = candle_nn::ops::sigmoid(gate)?;
+    Ok((a.broadcast_mul(&s)? + b.broadcast_mul(&(1.0 - &s)?)?)?)
 }
 
 /// The mini-adapter: `u = s * mha1(l1(x)) + (1 - s) * l1(x)`; `x + l2(u)`.
@@ -212,11 +265,11 @@ pub struct BiShareAdapter {
 }
 
 impl BiShareAdapter {
-    fn new(vb: VarBuilder, d: usize, heads: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, d: usize, heads: usize, kernels: Kernels) -> Result<Self> {
         Ok(Self {
-            l1: linear(&vb.pp("l1"), d / 2, d)?,
-            l2: linear(&vb.pp("l2"), d, d / 2)?,
-            attn: mha(&vb.pp("multihead_attention1"), d / 2, heads)?,
+            l1: linear(&vb.pp("l1"), d / 2, d, kernels)?,
+            l2: linear(&vb.pp("l2"), d, d / 2, kernels)?,
+            attn: mha(&vb.pp("multihead_attention1"), d / 2, heads, kernels)?,
             gate: gate(&vb, "gate1")?,
         })
     }
@@ -225,7 +278,7 @@ impl BiShareAdapter {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let z = self.l1.forward(x)?;
         let t = self.attn.forward(&z, false)?;
-        let u = mix(&self.gate, &t, &z)?;
+        let u = gated_mix(&self.gate, &t, &z, self.l1.kernels)?;
         Ok((x + self.l2.forward(&u)?)?)
     }
 }
@@ -250,7 +303,7 @@ impl MmAdapter {
             y = s.forward(&y)?;
         }
         let y = self.attn.forward(&y, false)?;
-        let y = mix(&self.gate, &d, &y)?;
+        let y = gated_mix(&self.gate, &d, &y, self.down.kernels)?;
         Ok((x + self.up.forward(&y)?)?)
     }
 }
@@ -272,8 +325,9 @@ impl HarmaAdapters {
         tensors: HashMap<String, Tensor>,
         clip: &ClipConfig,
         cfg: &AdapterConfig,
-        device: &Device,
+        compute: &Compute,
     ) -> Result<Self> {
+        let (device, kernels) = (&compute.device, compute.kernels);
         let expected = expected_shapes(clip, cfg);
         let mut problems = Vec::new();
         for (k, shape) in &expected {
@@ -318,17 +372,21 @@ impl HarmaAdapters {
                 let share = if !has_share(cfg.sharing, tower) {
                     None
                 } else if tower == Tower::Text {
-                    let s =
-                        BiShareAdapter::new(a.pp("BiShareAdapterxx"), cfg.hidden, cfg.share_heads)?;
+                    let s = BiShareAdapter::new(
+                        a.pp("BiShareAdapterxx"),
+                        cfg.hidden,
+                        cfg.share_heads,
+                        kernels,
+                    )?;
                     shares.push(s.clone());
                     Some(s)
                 } else {
                     shares.get(i).cloned()
                 };
                 let adapter = MmAdapter {
-                    down: linear(&a.pp("img_proj_down"), cfg.hidden, width)?,
-                    up: linear(&a.pp("img_proj_up"), width, cfg.hidden)?,
-                    attn: mha(&a.pp("multihead_attention"), cfg.hidden, cfg.heads)?,
+                    down: linear(&a.pp("img_proj_down"), cfg.hidden, width, kernels)?,
+                    up: linear(&a.pp("img_proj_up"), width, cfg.hidden, kernels)?,
+                    attn: mha(&a.pp("multihead_attention"), cfg.hidden, cfg.heads, kernels)?,
                     share,
                     gate: gate(&a, "gate1")?,
                 };
@@ -355,8 +413,9 @@ impl HarmaAdapters {
         tensors: HashMap<String, Tensor>,
         clip: &ClipConfig,
         cfg: &AdapterConfig,
-        device: &Device,
+        compute: &Compute,
     ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let device = &compute.device;
         let mut vars = Vec::with_capacity(tensors.len());
         let mut as_vars = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
@@ -365,7 +424,7 @@ impl HarmaAdapters {
             vars.push((name, v));
         }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((Self::from_tensors(as_vars, clip, cfg, device)?, vars))
+        Ok((Self::from_tensors(as_vars, clip, cfg, compute)?, vars))
     }
 }
 
@@ -381,7 +440,8 @@ impl BlockHook for HarmaAdapters {
         let adapted = adapter
             .forward(m)
             .map_err(|e| harma_clip::Error::Msg(e.to_string()))?;
-        mix(a, &adapted, m).map_err(|e| harma_clip::Error::Msg(e.to_string()))
+        gated_mix(a, &adapted, m, adapter.down.kernels)
+            .map_err(|e| harma_clip::Error::Msg(e.to_string()))
     }
 }
 

@@ -8,9 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use harma_adapters::{AdapterConfig, HarmaAdapters, Sharing};
-use harma_clip::checkpoint::load_adapters;
-use harma_clip::{Checkpoint, Clip, ClipConfig};
+use harma_adapters::{is_adapter_key, AdapterConfig, HarmaAdapters, Sharing};
+use harma_clip::{Checkpoint, Clip, ClipConfig, Compute, Kernels};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -40,11 +39,15 @@ fn check(model: &Clip, adapters: &HarmaAdapters) -> Result<()> {
 #[test]
 fn official_style_checkpoint_matches_the_original_model() -> Result<()> {
     let cfg = config();
-    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-    assert_eq!(ckpt.adapters.len(), 59);
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
-    let adapters =
-        HarmaAdapters::from_tensors(ckpt.adapters, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+    assert_eq!(ckpt.extras.len(), 59);
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
+    let adapters = HarmaAdapters::from_tensors(
+        ckpt.extras,
+        &cfg,
+        &AdapterConfig::default(),
+        &Compute::cpu(),
+    )?;
     assert!((adapters.temp.to_scalar::<f32>()? - 0.05).abs() < 1e-7);
     check(&model, &adapters)
 }
@@ -52,11 +55,11 @@ fn official_style_checkpoint_matches_the_original_model() -> Result<()> {
 #[test]
 fn adapters_only_file_on_a_backbone_gives_the_same_model() -> Result<()> {
     let cfg = config();
-    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
-    let tensors = load_adapters(&fixtures().join("adapters.safetensors"))?;
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
+    let tensors = harma_adapters::load_file(&fixtures().join("adapters.safetensors"))?;
     let adapters =
-        HarmaAdapters::from_tensors(tensors, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+        HarmaAdapters::from_tensors(tensors, &cfg, &AdapterConfig::default(), &Compute::cpu())?;
     check(&model, &adapters)
 }
 
@@ -64,8 +67,8 @@ fn adapters_only_file_on_a_backbone_gives_the_same_model() -> Result<()> {
 fn adapters_change_the_embeddings() -> Result<()> {
     // the fixture is only a proof if the adapters matter: plain CLIP must differ
     let cfg = config();
-    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
     let want =
         candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
     let img = model.encode_image(&want["pixels"], None)?;
@@ -77,13 +80,13 @@ fn adapters_change_the_embeddings() -> Result<()> {
 fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
     let cfg = config();
     let mut tensors: HashMap<String, Tensor> =
-        load_adapters(&fixtures().join("adapters.safetensors"))?;
+        harma_adapters::load_file(&fixtures().join("adapters.safetensors"))?;
     tensors.remove("transformer.resblocks.1.mmadapter.BiShareAdapterxx.gate1");
     let err = HarmaAdapters::from_tensors(
         tensors.clone(),
         &cfg,
         &AdapterConfig::default(),
-        &Device::Cpu,
+        &Compute::cpu(),
     )
     .unwrap_err()
     .to_string();
@@ -96,14 +99,14 @@ fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
         sharing: Sharing::None,
         ..AdapterConfig::default()
     };
-    let err = HarmaAdapters::from_tensors(tensors, &cfg, &none, &Device::Cpu)
+    let err = HarmaAdapters::from_tensors(tensors, &cfg, &none, &Compute::cpu())
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("unexpected `transformer.resblocks.0.mmadapter.BiShareAdapterxx.l1.bias`"),
         "{err}"
     );
-    let err = load_adapters(
+    let err = harma_adapters::load_file(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../harma-clip/tests/fixtures/tiny/open_clip.safetensors"),
     )
@@ -117,26 +120,27 @@ fn mismatched_adapters_list_what_is_wrong() -> Result<()> {
 /// contrastive + adaptive triplet, against the original model and loss code.
 #[test]
 fn gradients_of_every_trainable_tensor_match_the_original() -> Result<()> {
-    check_gradients()
+    check_gradients(Kernels::Fused)
 }
 
 #[test]
 fn gradients_through_the_generic_ops_match_the_original_too() -> Result<()> {
-    // the path every non-CPU device takes: Candle's basic ops, differentiable end to end
-    harma_clip::ops::set_generic_ops(true);
-    check_gradients()
+    // the reference path: Candle's basic ops, differentiable end to end
+    check_gradients(Kernels::Generic)
 }
 
-/// The loss terms and the gradient of each of the 59 trainable tensors against the original's.
-fn check_gradients() -> Result<()> {
+/// The loss terms and the gradient of each of the 59 trainable tensors against the original's,
+/// with the model and adapters on `kernels`.
+fn check_gradients(kernels: Kernels) -> Result<()> {
     let cfg = config();
-    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let compute = Compute::cpu().with_kernels(kernels);
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &compute)?;
     let (adapters, vars) = HarmaAdapters::trainable(
-        ckpt.adapters.clone(),
+        ckpt.extras.clone(),
         &cfg,
         &AdapterConfig::default(),
-        &Device::Cpu,
+        &compute,
     )?;
     assert_eq!(vars.len(), 59);
     let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
@@ -265,8 +269,8 @@ fn fresh_adapters_are_initialised_as_the_original() -> Result<()> {
 fn a_fresh_model_equals_its_backbone() -> Result<()> {
     // the up projections start at zero, so the adapters pass the MLP output through
     let cfg = config();
-    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
     let mut rng = harma_data::rng::Rng::new(1);
     let fresh = harma_adapters::init_tensors(
         &cfg,
@@ -275,7 +279,7 @@ fn a_fresh_model_equals_its_backbone() -> Result<()> {
         &Device::Cpu,
     )?;
     let adapters =
-        HarmaAdapters::from_tensors(fresh, &cfg, &AdapterConfig::default(), &Device::Cpu)?;
+        HarmaAdapters::from_tensors(fresh, &cfg, &AdapterConfig::default(), &Compute::cpu())?;
     let want =
         candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
     let ids = want["ids"].to_dtype(DType::U32)?;

@@ -1,78 +1,17 @@
-//! Reading CLIP weights from the files people have, into open_clip's key layout.
-//!
-//! Accepted, detected from the file's first bytes: PyTorch zip archives (`torch.save` of an
-//! open_clip state dict, plain or under `state_dict`/`model`, keys with or without a `module.`
-//! or `model.` prefix: GeoRSCLIP, RemoteCLIP, open_clip, HarMA), safetensors in the same layout,
-//! and Hugging Face transformers `CLIPModel` safetensors, renamed to open_clip's keys
-//! (mapping as in open_clip's `convert_hf_to_openclip`-style loaders and transformers'
-//! `modeling_clip.py`).
+//! A CLIP backbone's weights: the tensors a [`ClipConfig`] needs under open_clip's names
+//! ([`expected_shapes`]), read from a checkpoint file by `harma-checkpoint` and checked, or
+//! drawn at random for tests, benchmarks and the offline demo.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::ClipConfig;
-use crate::{torch_pickle, Error, Result};
+use crate::{Error, Result};
 
 /// Keys that open_clip or transformers checkpoints carry and the frozen backbone does not use.
 const KNOWN_EXTRAS: &[&str] = &["logit_scale", "logit_bias", "attn_mask", "visual.attn_mask"];
-
-/// The file formats [`load_tensors`] recognises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    TorchZip,
-    Safetensors,
-}
-
-/// Look at the first bytes of `path` to tell its format.
-pub fn detect_format(path: &Path) -> Result<Format> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut head = [0u8; 9];
-    let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
-    if n >= 4 && &head[..4] == b"PK\x03\x04" {
-        return Ok(Format::TorchZip);
-    }
-    if n == 9 && head[8] == b'{' {
-        return Ok(Format::Safetensors);
-    }
-    if n >= 2 && head[0] == 0x80 && head[1] <= 5 {
-        return Err(Error::Checkpoint(format!(
-            "{}: a legacy (pre-1.6) PyTorch pickle; re-save it with a current torch.save \
-             (zip format) or convert it to safetensors",
-            path.display()
-        )));
-    }
-    Err(Error::Checkpoint(format!(
-        "{}: not a checkpoint (expected a PyTorch zip archive or safetensors)",
-        path.display()
-    )))
-}
-
-/// Every tensor of a checkpoint file, as stored (names untouched), converted to f32 on the CPU.
-pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let tensors = match detect_format(path)? {
-        Format::TorchZip => torch_pickle::read_torch_zip(path)?,
-        Format::Safetensors => candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            Error::Checkpoint(format!(
-                "{}: unreadable safetensors ({e}); truncated download?",
-                path.display()
-            ))
-        })?,
-    };
-    tensors
-        .into_iter()
-        .map(|(k, t)| {
-            let t = if t.dtype().is_float() {
-                t.to_dtype(DType::F32)?
-            } else {
-                t
-            };
-            Ok((k, t))
-        })
-        .collect()
-}
 
 /// The spread of [`random_backbone`]'s weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,164 +121,36 @@ pub fn expected_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
     m
 }
 
-/// Whether a (prefix-stripped) key belongs to HarMA's trainable part rather than the backbone.
-pub fn is_adapter_key(key: &str) -> bool {
-    key == "temp" || key.contains(".mmadapter.") || key.ends_with(".gate1")
-}
-
-/// Strip the `module.` (DataParallel) and `model.` (HarMA) wrappers from a key.
-fn strip_prefixes(mut key: &str) -> &str {
-    loop {
-        if let Some(rest) = key.strip_prefix("module.") {
-            key = rest;
-        } else if let Some(rest) = key.strip_prefix("model.") {
-            key = rest;
-        } else {
-            return key;
-        }
-    }
-}
-
-/// Rename a Hugging Face transformers CLIP state dict to open_clip's layout:
-/// q/k/v projections are packed into `in_proj`, projections are transposed.
-fn from_hf(mut hf: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
-    let mut layer_ids: Vec<(String, String, usize)> = Vec::new();
-    for (hf_tower, oc_prefix) in [("vision_model", "visual."), ("text_model", "")] {
-        let mut i = 0;
-        while hf.contains_key(&format!("{hf_tower}.encoder.layers.{i}.layer_norm1.weight")) {
-            layer_ids.push((hf_tower.to_string(), oc_prefix.to_string(), i));
-            i += 1;
-        }
-    }
-    for (tower, prefix, i) in layer_ids {
-        let src = format!("{tower}.encoder.layers.{i}");
-        let dst = format!("{prefix}transformer.resblocks.{i}");
-        let mut get = |k: &str| -> Result<Tensor> {
-            hf.remove(&format!("{src}.{k}"))
-                .ok_or_else(|| Error::Checkpoint(format!("missing key `{src}.{k}`")))
-        };
-        for (h, o) in [
-            ("layer_norm1", "ln_1"),
-            ("layer_norm2", "ln_2"),
-            ("self_attn.out_proj", "attn.out_proj"),
-            ("mlp.fc1", "mlp.c_fc"),
-            ("mlp.fc2", "mlp.c_proj"),
-        ] {
-            out.insert(format!("{dst}.{o}.weight"), get(&format!("{h}.weight"))?);
-            out.insert(format!("{dst}.{o}.bias"), get(&format!("{h}.bias"))?);
-        }
-        for kind in ["weight", "bias"] {
-            let q = get(&format!("self_attn.q_proj.{kind}"))?;
-            let k = get(&format!("self_attn.k_proj.{kind}"))?;
-            let v = get(&format!("self_attn.v_proj.{kind}"))?;
-            out.insert(
-                format!("{dst}.attn.in_proj_{kind}"),
-                Tensor::cat(&[q, k, v], 0)?,
-            );
-        }
-    }
-    let renames = [
-        (
-            "vision_model.embeddings.patch_embedding.weight",
-            "visual.conv1.weight",
-        ),
-        (
-            "vision_model.embeddings.class_embedding",
-            "visual.class_embedding",
-        ),
-        (
-            "vision_model.embeddings.position_embedding.weight",
-            "visual.positional_embedding",
-        ),
-        ("vision_model.pre_layrnorm.weight", "visual.ln_pre.weight"),
-        ("vision_model.pre_layrnorm.bias", "visual.ln_pre.bias"),
-        (
-            "vision_model.post_layernorm.weight",
-            "visual.ln_post.weight",
-        ),
-        ("vision_model.post_layernorm.bias", "visual.ln_post.bias"),
-        (
-            "text_model.embeddings.token_embedding.weight",
-            "token_embedding.weight",
-        ),
-        (
-            "text_model.embeddings.position_embedding.weight",
-            "positional_embedding",
-        ),
-        ("text_model.final_layer_norm.weight", "ln_final.weight"),
-        ("text_model.final_layer_norm.bias", "ln_final.bias"),
-        ("logit_scale", "logit_scale"),
-    ];
-    for (h, o) in renames {
-        if let Some(t) = hf.remove(h) {
-            out.insert(o.to_string(), t);
-        }
-    }
-    for (h, o) in [
-        ("visual_projection.weight", "visual.proj"),
-        ("text_projection.weight", "text_projection"),
-    ] {
-        if let Some(t) = hf.remove(h) {
-            out.insert(o.to_string(), t.t()?.contiguous()?);
-        }
-    }
-    // position_ids buffers are derived, not weights
-    hf.retain(|k, _| !k.ends_with("position_ids"));
-    // whatever is left is reported as unexpected by the caller
-    out.extend(hf);
-    Ok(out)
-}
-
-/// The adapter tensors (HarMA's trainable part) of a file, `model.`/`module.` prefixes removed:
-/// an adapters-only safetensors file, or a whole HarMA checkpoint whose backbone is ignored.
-pub fn load_adapters(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let adapters: HashMap<String, Tensor> = load_tensors(path)?
-        .into_iter()
-        .map(|(k, t)| (strip_prefixes(&k).to_string(), t))
-        .filter(|(k, _)| is_adapter_key(k))
-        .collect();
-    if adapters.is_empty() {
-        return Err(Error::Checkpoint(format!(
-            "{}: no adapter tensors (keys with `.mmadapter.`, `.gate1` or `temp`)",
-            path.display()
-        )));
-    }
-    Ok(adapters)
-}
-
-/// A checkpoint read into open_clip names: the backbone tensors, and the HarMA adapter tensors
-/// (if any) kept apart for the adapter crate.
+/// A checkpoint read into open_clip names: the backbone tensors, and the other tensors the
+/// caller asked to keep (HarMA's adapters, which the adapter crate picks out by name).
 #[derive(Debug)]
 pub struct Checkpoint {
     pub path: PathBuf,
     pub backbone: HashMap<String, Tensor>,
-    pub adapters: HashMap<String, Tensor>,
+    /// Tensors besides the backbone's that `extra` (given to [`Checkpoint::load`]) claimed.
+    pub extras: HashMap<String, Tensor>,
 }
 
 impl Checkpoint {
-    /// Read `path`, rename its keys to open_clip's layout and check every backbone tensor of
-    /// `cfg` is present with the right shape. Missing, unexpected or wrongly shaped keys give
-    /// one error that lists them all.
-    pub fn load(path: &Path, cfg: &ClipConfig) -> Result<Self> {
-        let raw = load_tensors(path)?;
-        let is_hf = raw
-            .keys()
-            .any(|k| k.starts_with("vision_model.") || k.starts_with("text_model."));
-        let named: HashMap<String, Tensor> = if is_hf {
-            from_hf(raw).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?
-        } else {
-            raw.into_iter()
-                .map(|(k, t)| (strip_prefixes(&k).to_string(), t))
-                .collect()
-        };
-        Self::from_named(path, named, cfg)
+    /// Read `path` into open_clip's names and check every backbone tensor of `cfg` is present
+    /// with the right shape. Other keys are kept in `extras` where `extra(key)` claims them
+    /// (the caller knows its own keys; `|_| false` for plain CLIP), dropped if they are
+    /// open_clip's known non-weights, and unexpected otherwise. Missing, unexpected or wrongly
+    /// shaped keys give one error that lists them all.
+    pub fn load(path: &Path, cfg: &ClipConfig, extra: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let named = harma_checkpoint::load_open_clip_named(path)?;
+        Self::from_named(path, named, cfg, extra)
     }
 
-    fn from_named(path: &Path, named: HashMap<String, Tensor>, cfg: &ClipConfig) -> Result<Self> {
+    fn from_named(
+        path: &Path,
+        named: HashMap<String, Tensor>,
+        cfg: &ClipConfig,
+        extra: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
         let expected = expected_shapes(cfg);
         let mut backbone = HashMap::new();
-        let mut adapters = HashMap::new();
+        let mut extras = HashMap::new();
         let mut unexpected = Vec::new();
         let mut wrong = Vec::new();
         for (k, t) in named {
@@ -351,8 +162,8 @@ impl Checkpoint {
                     ));
                 }
                 backbone.insert(k, t);
-            } else if is_adapter_key(&k) {
-                adapters.insert(k, t);
+            } else if extra(&k) {
+                extras.insert(k, t);
             } else if !KNOWN_EXTRAS.contains(&k.as_str()) {
                 unexpected.push(k);
             }
@@ -365,7 +176,7 @@ impl Checkpoint {
             return Ok(Self {
                 path: path.to_path_buf(),
                 backbone,
-                adapters,
+                extras,
             });
         }
         unexpected.sort();

@@ -6,12 +6,14 @@
 //! `VisionTransformer`, `TextTransformer`) and `model.py` (`CLIP.encode_image/encode_text`).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::VarBuilder;
+use harma_kernels::nn::{self, FrozenBranch, LayerNorm, Linear, MultiHeadAttention};
+use harma_kernels::ops::backward_from;
+use harma_kernels::{Compute, Precision};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, ClipConfig};
-use crate::ops::{self, FrozenBranch, LayerNorm, Linear, MultiHeadAttention};
 use crate::Result;
 
 /// Which tower a block belongs to.
@@ -34,16 +36,18 @@ pub trait BlockHook: Send + Sync {
     }
 }
 
-fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64, compute: &Compute) -> Result<LayerNorm> {
     Ok(LayerNorm {
         weight: vb.get(dim, "weight")?,
         bias: vb.get(dim, "bias")?,
         eps,
+        kernels: compute.kernels,
     })
 }
 
-fn linear(vb: &VarBuilder, out: usize, inp: usize) -> Result<Linear> {
-    Linear::new(vb.get((out, inp), "weight")?, Some(vb.get(out, "bias")?))
+fn linear(vb: &VarBuilder, out: usize, inp: usize, compute: &Compute) -> Result<Linear> {
+    let (w, b) = (vb.get((out, inp), "weight")?, vb.get(out, "bias")?);
+    Ok(Linear::frozen(w, Some(b), compute)?)
 }
 
 /// `x = x + attn(ln_1(x)); x = x + hook(mlp(ln_2(x)))`.
@@ -64,22 +68,39 @@ impl ResidualBlock {
         heads: usize,
         mlp: usize,
         cfg: &ClipConfig,
+        compute: &Compute,
     ) -> Result<Self> {
         let a = vb.pp("attn");
         Ok(Self {
-            ln_1: layer_norm(&vb.pp("ln_1"), width, cfg.ln_eps)?,
+            ln_1: layer_norm(&vb.pp("ln_1"), width, cfg.ln_eps, compute)?,
             attn: MultiHeadAttention {
-                in_proj: Linear::new(
+                in_proj: Linear::frozen(
                     a.get((3 * width, width), "in_proj_weight")?,
                     Some(a.get(3 * width, "in_proj_bias")?),
+                    compute,
                 )?,
-                out_proj: linear(&a.pp("out_proj"), width, width)?,
+                out_proj: linear(&a.pp("out_proj"), width, width, compute)?,
                 heads,
+                kernels: compute.kernels,
             },
-            ln_2: layer_norm(&vb.pp("ln_2"), width, cfg.ln_eps)?,
-            c_fc: linear(&vb.pp("mlp").pp("c_fc"), mlp, width)?,
-            c_proj: linear(&vb.pp("mlp").pp("c_proj"), width, mlp)?,
+            ln_2: layer_norm(&vb.pp("ln_2"), width, cfg.ln_eps, compute)?,
+            c_fc: linear(&vb.pp("mlp").pp("c_fc"), mlp, width, compute)?,
+            c_proj: linear(&vb.pp("mlp").pp("c_proj"), width, mlp, compute)?,
             activation: cfg.activation,
+        })
+    }
+
+    /// The block with its frozen linear layers in `compute`'s precision.
+    fn with_precision(&self, compute: &Compute) -> Result<Self> {
+        Ok(Self {
+            attn: MultiHeadAttention {
+                in_proj: self.attn.in_proj.with_precision(compute)?,
+                out_proj: self.attn.out_proj.with_precision(compute)?,
+                ..self.attn.clone()
+            },
+            c_fc: self.c_fc.with_precision(compute)?,
+            c_proj: self.c_proj.with_precision(compute)?,
+            ..self.clone()
         })
     }
 
@@ -87,10 +108,10 @@ impl ResidualBlock {
     pub fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = match self.activation {
-            Activation::QuickGelu => ops::quick_gelu(&h)?,
-            Activation::Gelu => ops::gelu(&h)?,
+            Activation::QuickGelu => nn::quick_gelu(&h, self.c_fc.kernels)?,
+            Activation::Gelu => nn::gelu(&h)?,
         };
-        self.c_proj.forward(&h)
+        Ok(self.c_proj.forward(&h)?)
     }
 
     /// `attn(ln_1(x))` as a [`FrozenBranch`].
@@ -111,18 +132,18 @@ impl ResidualBlock {
         })
     }
 
-    /// Both branches, where the fused kernels apply to both on `x`.
-    fn frozen_branches(&self, x: &Tensor, causal: bool) -> Option<(FrozenBranch, FrozenBranch)> {
+    /// Both branches, where the fused kernels apply to both.
+    fn frozen_branches(&self, causal: bool) -> Option<(FrozenBranch, FrozenBranch)> {
         let attn = self.attn_frozen(causal);
         let mlp = self.mlp_frozen()?;
-        (attn.fuses(x) && mlp.fuses(x)).then_some((attn, mlp))
+        (attn.fuses() && mlp.fuses()).then_some((attn, mlp))
     }
 
     /// `attn(ln_1(x))`, as one fused node where [`FrozenBranch`] applies.
     fn attn_branch(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         match self.attn_frozen(causal).forward_fused(x)? {
             Some(y) => Ok(y),
-            None => self.attn.forward(&self.ln_1.forward(x)?, causal),
+            None => Ok(self.attn.forward(&self.ln_1.forward(x)?, causal)?),
         }
     }
 
@@ -144,7 +165,7 @@ impl ResidualBlock {
         causal: bool,
         hook: Option<(&dyn BlockHook, Tower, usize)>,
     ) -> Result<Option<(Tensor, BlockActs)>> {
-        let Some((attn, mlp)) = self.frozen_branches(x, causal) else {
+        let Some((attn, mlp)) = self.frozen_branches(causal) else {
             return Ok(None);
         };
         let (a, qkv) = attn.run(x)?;
@@ -180,7 +201,7 @@ impl ResidualBlock {
             Some((h, tower, i)) => {
                 let m = Var::from_tensor(&acts.m)?;
                 let hooked = h.mlp_out(tower, i, m.as_tensor())?;
-                let mut local = ops::backward_from(&hooked, grad)?;
+                let mut local = backward_from(&hooked, grad)?;
                 add_grads(params, &mut local, grads)?;
                 local.remove(m.as_tensor()).ok_or_else(|| {
                     candle_core::Error::Msg(format!("block {i}: no gradient at the hook's input"))
@@ -191,7 +212,7 @@ impl ResidualBlock {
         if !input_grad {
             return Ok(None);
         }
-        let (attn, mlp) = self.frozen_branches(x, causal).ok_or_else(|| {
+        let (attn, mlp) = self.frozen_branches(causal).ok_or_else(|| {
             candle_core::Error::Msg("kept activations need fused branches".into())
         })?;
         let g_x1 = (grad + mlp.input_grad(&acts.x1, &acts.hidden, &g_m)?)?;
@@ -230,7 +251,7 @@ pub struct VisionTransformer {
 }
 
 impl VisionTransformer {
-    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipConfig, compute: &Compute) -> Result<Self> {
         let v = &cfg.vision;
         let p = v.patch_size;
         let conv = vb.get((v.width, 3, p, p), "conv1.weight")?;
@@ -242,16 +263,17 @@ impl VisionTransformer {
                     v.heads,
                     v.mlp_dim,
                     cfg,
+                    compute,
                 )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            patch_embed: Linear::new(conv.reshape((v.width, 3 * p * p))?, None)?,
+            patch_embed: Linear::frozen(conv.reshape((v.width, 3 * p * p))?, None, compute)?,
             class_embedding: vb.get(v.width, "class_embedding")?,
             positional_embedding: vb.get((v.seq_len(), v.width), "positional_embedding")?,
-            ln_pre: layer_norm(&vb.pp("ln_pre"), v.width, cfg.ln_eps)?,
+            ln_pre: layer_norm(&vb.pp("ln_pre"), v.width, cfg.ln_eps, compute)?,
             blocks,
-            ln_post: layer_norm(&vb.pp("ln_post"), v.width, cfg.ln_eps)?,
+            ln_post: layer_norm(&vb.pp("ln_post"), v.width, cfg.ln_eps, compute)?,
             proj: vb.get((v.width, cfg.embed_dim), "proj")?,
             patch_size: p,
         })
@@ -276,7 +298,7 @@ impl VisionTransformer {
             .broadcast_as((b, 1, width))?;
         let x = Tensor::cat(&[&cls, &x], 1)?; // [b, n + 1, width]
         let x = x.broadcast_add(&self.positional_embedding)?;
-        self.ln_pre.forward(&x)
+        Ok(self.ln_pre.forward(&x)?)
     }
 
     /// After the blocks: the class token through ln_post and the projection.
@@ -307,7 +329,7 @@ pub struct TextTransformer {
 }
 
 impl TextTransformer {
-    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipConfig, compute: &Compute) -> Result<Self> {
         let t = &cfg.text;
         let blocks = (0..t.layers)
             .map(|i| {
@@ -317,6 +339,7 @@ impl TextTransformer {
                     t.heads,
                     t.mlp_dim,
                     cfg,
+                    compute,
                 )
             })
             .collect::<Result<_>>()?;
@@ -324,7 +347,7 @@ impl TextTransformer {
             token_embedding: vb.get((t.vocab_size, t.width), "token_embedding.weight")?,
             positional_embedding: vb.get((t.context_length, t.width), "positional_embedding")?,
             blocks,
-            ln_final: layer_norm(&vb.pp("ln_final"), t.width, cfg.ln_eps)?,
+            ln_final: layer_norm(&vb.pp("ln_final"), t.width, cfg.ln_eps, compute)?,
             text_projection: vb.get((t.width, cfg.embed_dim), "text_projection")?,
         })
     }
@@ -427,50 +450,44 @@ impl SavedTower {
 #[derive(Debug, Clone)]
 pub struct Clip {
     pub config: ClipConfig,
+    /// Where and how the towers compute; every layer was built with it.
+    pub compute: Compute,
     pub visual: VisionTransformer,
     pub text: TextTransformer,
 }
 
 impl Clip {
-    /// Build from a var builder whose keys are open_clip's.
-    pub fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+    /// Build from a var builder whose keys are open_clip's (f32 tensors on `compute.device`),
+    /// the frozen linear layers in `compute.precision`.
+    pub fn new(vb: VarBuilder, cfg: &ClipConfig, compute: &Compute) -> Result<Self> {
         Ok(Self {
             config: cfg.clone(),
-            visual: VisionTransformer::new(vb.pp("visual"), cfg)?,
-            text: TextTransformer::new(vb.clone(), cfg)?,
+            compute: compute.clone(),
+            visual: VisionTransformer::new(vb.pp("visual"), cfg, compute)?,
+            text: TextTransformer::new(vb.clone(), cfg, compute)?,
         })
     }
 
-    /// Build from a checkpoint already checked against `cfg`, on `device`.
-    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: &ClipConfig, device: &Device) -> Result<Self> {
-        let vb = VarBuilder::from_tensors(ckpt.backbone.clone(), DType::F32, device);
-        Self::new(vb, cfg)
+    /// Build from a checkpoint already checked against `cfg`.
+    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: &ClipConfig, compute: &Compute) -> Result<Self> {
+        let vb = VarBuilder::from_tensors(ckpt.backbone.clone(), DType::F32, &compute.device);
+        Self::new(vb, cfg, compute)
     }
 
-    /// The frozen linear layers of both towers (attention, MLP, patch embedding) with their
-    /// weights in `dtype`: `BF16` halves their memory and runs their products at bf16 speed on
-    /// a GPU; layer norms, softmax, embeddings, projections and any hook stay in f32.
-    pub fn with_linear_dtype(&self, dtype: DType) -> Result<Self> {
+    /// This f32 model with the frozen linear layers of both towers (attention, MLP, patch
+    /// embedding) in `precision`: bf16 halves their memory and runs their products at bf16
+    /// speed on a GPU or a CPU with a bf16 kernel; layer norms, softmax, embeddings,
+    /// projections and any hook stay in f32.
+    pub fn with_precision(&self, precision: Precision) -> Result<Self> {
+        let compute = self.compute.clone().with_precision(precision);
         let blocks = |bs: &[ResidualBlock]| -> Result<Vec<ResidualBlock>> {
-            bs.iter()
-                .map(|b| {
-                    Ok(ResidualBlock {
-                        attn: MultiHeadAttention {
-                            in_proj: b.attn.in_proj.to_dtype(dtype)?,
-                            out_proj: b.attn.out_proj.to_dtype(dtype)?,
-                            heads: b.attn.heads,
-                        },
-                        c_fc: b.c_fc.to_dtype(dtype)?,
-                        c_proj: b.c_proj.to_dtype(dtype)?,
-                        ..b.clone()
-                    })
-                })
-                .collect()
+            bs.iter().map(|b| b.with_precision(&compute)).collect()
         };
         let mut out = self.clone();
-        out.visual.patch_embed = self.visual.patch_embed.to_dtype(dtype)?;
+        out.visual.patch_embed = self.visual.patch_embed.with_precision(&compute)?;
         out.visual.blocks = blocks(&self.visual.blocks)?;
         out.text.blocks = blocks(&self.text.blocks)?;
+        out.compute = compute;
         Ok(out)
     }
 
@@ -482,14 +499,12 @@ impl Clip {
     }
 
     /// Whether [`Clip::forward_saving`] can keep activations: every block's branches run on
-    /// the fused CPU kernels (f32 compute, frozen layers, QuickGELU, generic ops off).
+    /// the fused CPU kernels (fused kernels, frozen layers on the CPU, QuickGELU).
     pub fn keeps_activations(&self) -> bool {
-        let probe = |d: &Device| Tensor::zeros(1, DType::F32, d);
         [Tower::Vision, Tower::Text].iter().all(|&t| {
-            self.blocks(t).iter().all(|b| {
-                probe(b.ln_1.weight.device())
-                    .is_ok_and(|x| b.frozen_branches(&x, t == Tower::Text).is_some())
-            })
+            self.blocks(t)
+                .iter()
+                .all(|b| b.frozen_branches(t == Tower::Text).is_some())
         })
     }
 
@@ -574,7 +589,7 @@ impl Clip {
             }
             let x = Var::from_tensor(&saved.inputs[i])?;
             let out = blk.forward(x.as_tensor(), causal, block_hook)?;
-            let mut block_grads = ops::backward_from(&out, &grad)?;
+            let mut block_grads = backward_from(&out, &grad)?;
             add_grads(params, &mut block_grads, grads)?;
             if i > 0 {
                 grad = block_grads.remove(x.as_tensor()).ok_or_else(|| {
@@ -587,11 +602,11 @@ impl Clip {
 
     /// pixels [b, 3, H, W] -> L2-normalised [b, embed_dim]
     pub fn encode_image(&self, pixels: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
-        ops::l2_normalize(&self.visual.forward(pixels, hook)?)
+        Ok(nn::l2_normalize(&self.visual.forward(pixels, hook)?)?)
     }
 
     /// ids [b, context] -> L2-normalised [b, embed_dim]
     pub fn encode_text(&self, ids: &Tensor, hook: Option<&dyn BlockHook>) -> Result<Tensor> {
-        ops::l2_normalize(&self.text.forward(ids, hook)?)
+        Ok(nn::l2_normalize(&self.text.forward(ids, hook)?)?)
     }
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use harma_clip::{
-    Activation, Checkpoint, Clip, ClipConfig, ClipTokenizer, TextConfig, VisionConfig,
+    Activation, Bf16Kernel, Checkpoint, Clip, ClipConfig, ClipTokenizer, Compute, Precision,
+    TextConfig, VisionConfig,
 };
 
 fn fixtures() -> PathBuf {
@@ -46,6 +47,11 @@ fn tiny(activation: Activation) -> ClipConfig {
     }
 }
 
+/// A plain CLIP checkpoint: no tensors besides the backbone's are claimed.
+fn no_extras(_: &str) -> bool {
+    false
+}
+
 fn load_st(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
 }
@@ -58,8 +64,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// Embed the fixture inputs with the model in `file` and compare with `prefix_image/text`.
 fn check(file: &str, activation: Activation, expected: &str, prefix: &str, tol: f32) -> Result<()> {
     let cfg = tiny(activation);
-    let ckpt = Checkpoint::load(&fixtures().join("tiny").join(file), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&fixtures().join("tiny").join(file), &cfg, &no_extras)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
     let inputs = load_st(&fixtures().join("tiny/expected.safetensors"))?;
     let want = load_st(&fixtures().join("tiny").join(expected))?;
     let pixels = &inputs["pixels"];
@@ -120,28 +126,40 @@ fn every_checkpoint_layout_gives_the_same_embeddings() -> Result<()> {
 }
 
 /// Mixed precision: the frozen linear layers in bf16 stay close to open_clip's f32 embeddings
-/// (bf16 keeps 8 bits of mantissa), and really run in bf16 (they are not exact).
+/// (bf16 keeps 8 bits of mantissa), and really run in bf16 (they are not exact), on every bf16
+/// kernel this CPU has (each forced in turn; the f32 fallback always runs).
 #[test]
 fn bf16_linear_layers_stay_close_to_open_clip() -> Result<()> {
     let cfg = tiny(Activation::QuickGelu);
-    let ckpt = Checkpoint::load(&fixtures().join("tiny/open_clip.safetensors"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?.with_linear_dtype(DType::BF16)?;
-    match &model.visual.blocks[0].c_fc.weight {
-        harma_clip::ops::Weight::CpuBf16(l) => {
-            assert_eq!(l.on_amx(), harma_clip::bf16::amx_available())
-        }
-        _ => panic!("on the CPU, the backbone's layers are bf16 layers"),
-    }
+    let ckpt = Checkpoint::load(
+        &fixtures().join("tiny/open_clip.safetensors"),
+        &cfg,
+        &no_extras,
+    )?;
     let inputs = load_st(&fixtures().join("tiny/expected.safetensors"))?;
     let want = load_st(&fixtures().join("tiny/expected.safetensors"))?;
     let ids = inputs["ids"].to_dtype(DType::U32)?;
-    let img = model.encode_image(&inputs["pixels"], None)?;
-    let txt = model.encode_text(&ids, None)?;
-    assert_eq!((img.dtype(), txt.dtype()), (DType::F32, DType::F32));
-    for (got, key) in [(&img, "quickgelu_image"), (&txt, "quickgelu_text")] {
-        let err = max_abs_diff(got, &want[key])?;
-        eprintln!("bf16 {key}: max abs err {err:.2e}");
-        assert!(err < 2e-2 && err > 1e-5, "{key}: {err}");
+    for kernel in Bf16Kernel::ALL {
+        if !kernel.available() {
+            eprintln!("skipped: the {kernel} bf16 kernel (this CPU or OS lacks it)");
+            continue;
+        }
+        let compute = Compute::cpu()
+            .with_precision(Precision::Bf16)
+            .with_bf16_kernel(kernel);
+        let model = Clip::from_checkpoint(&ckpt, &cfg, &compute)?;
+        match &model.visual.blocks[0].c_fc.weight {
+            harma_kernels::nn::Weight::CpuBf16(l) => assert_eq!(l.kernel(), kernel),
+            _ => panic!("on the CPU, the backbone's layers are bf16 layers"),
+        }
+        let img = model.encode_image(&inputs["pixels"], None)?;
+        let txt = model.encode_text(&ids, None)?;
+        assert_eq!((img.dtype(), txt.dtype()), (DType::F32, DType::F32));
+        for (got, key) in [(&img, "quickgelu_image"), (&txt, "quickgelu_text")] {
+            let err = max_abs_diff(got, &want[key])?;
+            eprintln!("bf16 ({kernel} kernel) {key}: max abs err {err:.2e}");
+            assert!(err < 2e-2 && err > 1e-5, "{kernel} {key}: {err}");
+        }
     }
     Ok(())
 }
@@ -151,8 +169,12 @@ fn text_shortening_at_eot_changes_nothing() -> Result<()> {
     // the causal text tower is cut after the batch's last EOT; one row of full length
     // forces the full context, and each row alone must give the same embedding as in the batch
     let cfg = tiny(Activation::QuickGelu);
-    let ckpt = Checkpoint::load(&fixtures().join("tiny/open_clip.safetensors"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(
+        &fixtures().join("tiny/open_clip.safetensors"),
+        &cfg,
+        &no_extras,
+    )?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
     let inputs = load_st(&fixtures().join("tiny/expected.safetensors"))?;
     let ids = inputs["ids"].to_dtype(DType::U32)?;
     let all = model.encode_text(&ids, None)?;
@@ -175,6 +197,7 @@ fn wrong_architecture_lists_the_keys_at_fault() {
     let err = Checkpoint::load(
         &fixtures().join("tiny/open_clip.safetensors"),
         &ClipConfig::vit_b32_quickgelu(),
+        &no_extras,
     )
     .unwrap_err()
     .to_string();
@@ -201,7 +224,7 @@ fn missing_and_unexpected_keys_are_listed() -> Result<()> {
     );
     let p = dir.join("edited.safetensors");
     candle_core::safetensors::save(&t, &p)?;
-    let err = Checkpoint::load(&p, &tiny(Activation::QuickGelu))
+    let err = Checkpoint::load(&p, &tiny(Activation::QuickGelu), &no_extras)
         .unwrap_err()
         .to_string();
     assert!(err.contains("edited.safetensors"), "{err}");
@@ -222,15 +245,19 @@ fn truncated_and_foreign_files_give_clear_errors() -> Result<()> {
         let full = std::fs::read(fixtures().join("tiny").join(src))?;
         let cut = dir.join(format!("cut-{src}"));
         std::fs::write(&cut, &full[..full.len() / 3])?;
-        let err = Checkpoint::load(&cut, &cfg).unwrap_err().to_string();
+        let err = Checkpoint::load(&cut, &cfg, &no_extras)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("cut-{src}")), "{err}");
         assert!(err.contains("truncated"), "{err}");
     }
     let text = dir.join("notes.txt");
     std::fs::write(&text, "hello, not weights")?;
-    let err = Checkpoint::load(&text, &cfg).unwrap_err().to_string();
+    let err = Checkpoint::load(&text, &cfg, &no_extras)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a checkpoint"), "{err}");
-    let err = Checkpoint::load(&dir.join("absent.pt"), &cfg)
+    let err = Checkpoint::load(&dir.join("absent.pt"), &cfg, &no_extras)
         .unwrap_err()
         .to_string();
     assert!(err.contains("absent.pt"), "{err}");
@@ -281,8 +308,8 @@ fn full_size_vit_b32_matches_open_clip_when_enabled() -> Result<()> {
     };
     let dir = PathBuf::from(dir);
     let cfg = ClipConfig::vit_b32_quickgelu();
-    let ckpt = Checkpoint::load(&dir.join("model.safetensors"), &cfg)?;
-    let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&dir.join("model.safetensors"), &cfg, &no_extras)?;
+    let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
     let want = load_st(&dir.join("expected.safetensors"))?;
     let img = model.encode_image(&want["pixels"], None)?;
     let txt = model.encode_text(&want["ids"].to_dtype(DType::U32)?, None)?;

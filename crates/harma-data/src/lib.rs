@@ -1,11 +1,16 @@
 //! Data for HarMA: image decoding and the CLIP preprocessing (this crate matches PIL and
-//! torchvision so embeddings equal the PyTorch pipeline's), and caption cleaning.
+//! torchvision so embeddings equal the PyTorch pipeline's), caption cleaning, annotation files,
+//! and the batches of a training run (which pairs, how augmented, prepared in parallel).
+
+#![forbid(unsafe_code)]
 
 pub mod annotations;
 pub mod augment;
+pub mod batcher;
 pub mod caption;
 pub mod image;
 pub mod rng;
+pub mod sampler;
 pub mod synth;
 
 pub use crate::caption::clean_caption;

@@ -46,7 +46,7 @@ pub enum Command {
     /// epoch, best-by-val and test at the end; a smaller batch for a CPU:
     ///
     /// harma train --dataset rsitmd --batch-size 32
-    Train(Box<train::Args>),
+    Train(Box<config::TrainArgs>),
     /// Evaluate image-text retrieval on a split: R@1/5/10 both ways and mR, as HarMA reports.
     ///
     /// Without adapters it is the zero-shot baseline of the checkpoint.
@@ -74,27 +74,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `harma` with no arguments: train RSITMD with the original's settings when it has been
 /// fetched (docs/DATA.md), else the offline demo.
 fn default_run() -> anyhow::Result<()> {
-    let data = std::path::Path::new("data");
-    let preset = config::Dataset::Rsitmd.preset(data);
-    let needed = ["train_json", "image_root", "init"];
-    let have = needed
+    let mut preset = config::TrainConfig::default();
+    config::Dataset::Rsitmd.apply(&mut preset, std::path::Path::new("data"));
+    let needed = [
+        &preset.data.train_json,
+        &preset.data.image_root,
+        &preset.model.init,
+    ];
+    if needed
         .iter()
-        .all(|k| std::path::Path::new(preset[*k].as_str().unwrap_or("")).exists());
-    if have {
+        .all(|p| p.as_ref().is_some_and(|p| p.exists()))
+    {
         eprintln!("RSITMD found under data/: training with the original's settings (`harma --help` lists the commands)");
-        let args = train::Args {
-            dataset: Some(config::Dataset::Rsitmd),
-            ..train::Args::default()
-        };
+        let out = preset.run.out.clone().unwrap_or_default();
         // continue an interrupted default run instead of refusing its folder
-        let out = std::path::PathBuf::from(preset["out"].as_str().unwrap_or("runs/rsitmd"));
-        let args = if out.join("resume.safetensors").exists() {
-            train::Args {
+        let args = if crate::resume::resume_path(&out).exists() {
+            config::TrainArgs {
                 resume: Some(out),
-                ..args
+                ..config::TrainArgs::default()
             }
         } else {
-            args
+            config::TrainArgs::from_flags(&["--dataset", "rsitmd"])?
         };
         return train::run(&args);
     }

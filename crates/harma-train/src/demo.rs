@@ -6,14 +6,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::Device;
-use harma_clip::{Clip, ClipConfig, ClipTokenizer};
+use harma_clip::{Clip, ClipConfig, ClipTokenizer, Compute};
 use harma_data::rng::Rng;
 use harma_data::synth::{write_dataset, SynthSizes};
 use harma_metrics::RetrievalMetrics;
 
-use crate::config::{Args as TrainArgs, AugmentKind, TrainConfig};
-use crate::train::{train, Control, MetricsLog};
+use crate::config::{AugmentKind, TrainConfig};
+use crate::device::DeviceArg;
+use crate::encode::Encoder;
+use crate::eval::EvalOptions;
+use crate::record::MetricsLog;
+use crate::train::{train, Control};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -28,19 +31,13 @@ pub struct Args {
     pub images: usize,
     #[arg(long, default_value_t = 3407)]
     pub seed: u64,
-    #[arg(long, default_value = "auto", help = crate::device::HELP)]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 impl Default for Args {
     fn default() -> Self {
-        Self {
-            out: PathBuf::from("runs/demo"),
-            steps: 300,
-            images: 500,
-            seed: 3407,
-            device: "auto".into(),
-        }
+        crate::config::clap_defaults()
     }
 }
 
@@ -87,24 +84,20 @@ pub struct DemoResult {
     pub record: MetricsLog,
 }
 
-fn zero_shot(
-    model: &Clip,
-    cfg: &ClipConfig,
-    data: &Path,
-    device: &Device,
-) -> Result<RetrievalMetrics> {
-    let set = crate::eval::load_split(&data.join("test.json"), &data.join("images"), false)?;
-    let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
-    let (m, _) = crate::eval::evaluate_split(
+fn zero_shot(model: &Clip, data: &Path) -> Result<RetrievalMetrics> {
+    let images = data.join("images");
+    let set = crate::eval::load_split(&data.join("test.json"), &images, false)?;
+    let tokenizer = ClipTokenizer::new(model.config.text.context_length)?;
+    let encoder = Encoder {
         model,
-        None,
-        &tokenizer,
-        &set,
-        &data.join("images"),
-        64,
-        device,
-        false,
-    )?;
+        hook: None,
+        batch: 64,
+    };
+    let opts = EvalOptions {
+        image_root: &images,
+        progress: false,
+    };
+    let (m, _) = crate::eval::evaluate_split(&encoder, &tokenizer, &set, &opts)?;
     Ok(m)
 }
 
@@ -147,45 +140,45 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
 
     // a small CLIP with random weights stands in for a pretrained one (none can be downloaded
     // here); it is frozen as HarMA freezes its backbone
-    let device = crate::device::parse(&args.device)?;
+    let compute = Compute::new(args.device.spec.device()?, harma_clip::Precision::F32);
     let mut rng = Rng::derive(args.seed, &[7]);
     let weights = harma_clip::checkpoint::random_backbone(
         &cfg,
         harma_clip::checkpoint::RandomInit::FanIn,
         &mut || rng.uniform(),
-        &device,
+        &compute.device,
     )?;
     let model_path = out.join("model.safetensors");
     let named: Vec<(&str, &candle_core::Tensor)> =
         weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
     crate::output::write_safetensors(&model_path, &named, Default::default())?;
     let model = Clip::new(
-        candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &device),
+        candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &compute.device),
         &cfg,
+        &compute,
     )?;
-    let zero = zero_shot(&model, &cfg, &data, &device)?;
+    let zero = zero_shot(&model, &data)?;
     eprintln!("zero-shot test mR {:.2}", zero.r_mean);
 
-    let train_cfg = TrainConfig::resolve(&TrainArgs {
-        train_json: Some(data.join("train.json")),
-        image_root: Some(data.join("images")),
-        val_json: Some(data.join("val.json")),
-        test_json: Some(data.join("test.json")),
-        init: Some(model_path),
-        arch: Some(arch.display().to_string()),
-        batch_size: Some(32),
-        steps: Some(args.steps),
-        val_every: Some(args.steps.div_ceil(4)),
-        lr: Some(1e-3),
-        // few epochs: augmentation would slow learning more than it helps here
-        augment: Some(AugmentKind::None),
-        seed: Some(args.seed),
-        out: Some(out.join("run")),
-        device: Some(args.device.clone()),
-        ..TrainArgs::default()
-    })?;
+    let mut train_cfg = TrainConfig::default();
+    train_cfg.data.train_json = Some(data.join("train.json"));
+    train_cfg.data.image_root = Some(data.join("images"));
+    train_cfg.data.val_json = Some(data.join("val.json"));
+    train_cfg.data.test_json = Some(data.join("test.json"));
+    train_cfg.model.init = Some(model_path);
+    train_cfg.model.backbone.arch = arch.display().to_string();
+    train_cfg.run.batch_size = Some(32);
+    train_cfg.run.steps = Some(args.steps as usize);
+    train_cfg.run.val_every = args.steps.div_ceil(4) as usize;
+    train_cfg.optim.lr = Some(1e-3);
+    // few epochs: augmentation would slow learning more than it helps here
+    train_cfg.run.augment = AugmentKind::None;
+    train_cfg.run.seed = args.seed;
+    train_cfg.run.out = Some(out.join("run"));
+    train_cfg.compute.device = args.device.clone();
+    let train_cfg = train_cfg.finish()?;
     train(&train_cfg, false, &Control::default())?;
-    let text = std::fs::read_to_string(train_cfg.out.join("metrics.json"))?;
+    let text = std::fs::read_to_string(train_cfg.out().join("metrics.json"))?;
     let record: MetricsLog = serde_json::from_str(&text)?;
     let trained = record
         .test

@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
-use harma_clip::{BlockHook, Clip, ClipTokenizer};
+use harma_clip::ClipTokenizer;
 use harma_data::annotations::{load_evaluation, EvalSet, LoadOptions};
 use harma_metrics::RetrievalMetrics;
 use indicatif::ProgressBar;
 
-use crate::embed;
+use crate::encode::{self, Encoder};
+use crate::model::ModelArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub net: embed::ModelArgs,
+    pub net: ModelArgs,
     /// Evaluation annotations: HarMA's format ([{"image", "caption": [five strings]}, ...]), or
     /// your own .csv (`image,caption` lines) or .jsonl ({"image", "caption"} lines), grouped by
     /// image
@@ -78,29 +78,34 @@ pub(crate) fn warn_skipped(file: &Path, skipped: &[String]) {
     }
 }
 
-/// Embed a split and compute its metrics.
+/// How to evaluate a split.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions<'a> {
+    /// The folder the split's image paths are relative to.
+    pub image_root: &'a Path,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// Embed a split with `encoder` and compute its metrics.
 pub fn evaluate_split(
-    model: &Clip,
-    hook: Option<&dyn BlockHook>,
+    encoder: &Encoder,
     tokenizer: &ClipTokenizer,
     set: &EvalSet,
-    image_root: &Path,
-    batch: usize,
-    device: &Device,
-    progress: bool,
+    opts: &EvalOptions,
 ) -> Result<(RetrievalMetrics, Timings)> {
     let mut timings = Timings::default();
-    let files: Vec<PathBuf> = set.images.iter().map(|p| image_root.join(p)).collect();
+    let files: Vec<PathBuf> = set.images.iter().map(|p| opts.image_root.join(p)).collect();
     let bar = |n: usize, what: &str| {
-        if progress {
-            embed::progress(n, what)
+        if opts.progress {
+            encode::progress(n, what)
         } else {
             ProgressBar::hidden()
         }
     };
     let t = Instant::now();
     let pb = bar(files.len(), "images");
-    let (img, busy) = embed::embed_images(model, hook, &files, batch, device, &pb)?;
+    let (img, busy) = encoder.images(&files, &pb)?;
     pb.finish_and_clear();
     timings.images = t.elapsed().as_secs_f64();
     timings.decode = busy.decode;
@@ -108,7 +113,7 @@ pub fn evaluate_split(
 
     let t = Instant::now();
     let pb = bar(set.captions.len(), "captions");
-    let txt = embed::embed_captions(model, hook, tokenizer, &set.captions, batch, device, &pb)?;
+    let txt = encoder.captions(tokenizer, &set.captions, &pb)?;
     pb.finish_and_clear();
     timings.captions = t.elapsed().as_secs_f64();
 
@@ -139,16 +144,16 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
     let t = Instant::now();
-    let (metrics, timings) = evaluate_split(
-        &loaded.model,
-        loaded.hook(),
-        &tokenizer,
-        &set,
-        &args.image_root,
-        args.batch_size as usize,
-        &loaded.device,
-        true,
-    )?;
+    let encoder = Encoder {
+        model: &loaded.model,
+        hook: loaded.hook(),
+        batch: args.batch_size as usize,
+    };
+    let opts = EvalOptions {
+        image_root: &args.image_root,
+        progress: true,
+    };
+    let (metrics, timings) = evaluate_split(&encoder, &tokenizer, &set, &opts)?;
     println!(
         "{}: {} images, {} captions\n{}",
         args.test_json.display(),
@@ -171,7 +176,7 @@ pub fn run(args: &Args) -> Result<()> {
             "test": metrics,
             "test_json": args.test_json,
             "model": args.net.model,
-            "adapters": args.net.adapters,
+            "adapters": args.net.backbone.adapters,
             "images": set.images.len(),
             "captions": set.captions.len(),
             "seconds": timings,

@@ -1,67 +1,25 @@
-//! The `harma` binary's library: each command is a module with an `Args` struct and a `run`.
+//! The `harma` binary's library. Commands (`embed`, `eval`, `train`, `demo`) are modules with
+//! an `Args` struct and a `run`; they stand on the library modules: `model` (loading a
+//! checkpoint and its adapters), `encode` (batched embedding), `eval` (a split's metrics),
+//! `trainer` (one training step), `resume` and `record` (a run's files), `config` (the
+//! settings) and `device` (the compute flags).
+
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod device;
 pub mod embed;
+pub mod encode;
 pub mod eval;
+pub mod model;
 pub mod optim;
 pub mod output;
 pub mod pipeline;
+pub mod record;
+pub mod resume;
 pub mod schedule;
 pub mod step;
 pub mod train;
-
-/// mimalloc's `mi_option_purge_delay` (the index in mimalloc 3's `mi_option_e`).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keep freed memory for reuse instead of returning it to the OS. Candle allocates every
-/// intermediate and gradient anew; with mimalloc's default (purge after 1 s) the kernel
-/// zeroes fresh pages for each of them: 12% of a training step in a profile, 7% after this.
-/// The step is about 1.1x faster at the same peak memory (docs/BENCHMARKS.md). Call at the
-/// start of a program whose global allocator is mimalloc.
-pub fn keep_freed_memory() {
-    // SAFETY: sets a mimalloc option; valid at any time, read when memory would be purged.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
-}
-
-/// The process-wide settings both binaries (`harma`, `xtask`) start with: call first in `main`,
-/// before any Candle op and any thread, in a program whose global allocator is mimalloc.
-pub fn start_up() {
-    keep_freed_memory();
-    candle_ops_on_caller();
-}
-
-/// Run Candle's element-wise CPU ops on the calling thread, unless `CANDLE_NUM_THREADS` says
-/// otherwise. Candle 0.11 runs them on a pool of its own beside rayon's, whose threads spin
-/// for a while after each op: on a 2-core machine they take the cores from our rayon kernels
-/// (and the two towers of a training step, which run side by side, queue on the pool's lock).
-/// With the pool off, training steps ran 1.29x (bf16) and 1.19x (f32) faster, image embedding
-/// 1.05x (docs/BENCHMARKS.md). Call at the start of `main`, before any Candle op and any thread.
-pub fn candle_ops_on_caller() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // read once, when Candle first builds its pool; no other thread exists yet
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_purge_delay_option_is_where_we_set_it() {
-        // its default in mimalloc 3 is 1000 (ms, options.c); then our setting reads back
-        // SAFETY: reading and setting mimalloc options is always valid.
-        unsafe {
-            assert_eq!(
-                libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY),
-                1000
-            );
-            super::keep_freed_memory();
-            assert_eq!(
-                libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY),
-                -1
-            );
-        }
-    }
-}
+pub mod trainer;

@@ -9,11 +9,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 /// Which AdamW update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum AdamWVariant {
-    /// transformers 4.x `AdamW` (the original's; default)
+    /// transformers 4.x AdamW, as the original trains
     Transformers,
-    /// `torch.optim.AdamW`
+    /// torch.optim.AdamW
     Torch,
 }
 

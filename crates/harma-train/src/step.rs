@@ -44,8 +44,8 @@ pub fn loss_and_grads(
         Var::from_tensor(vision.last())?,
         Var::from_tensor(text.last())?,
     );
-    let img = harma_clip::ops::l2_normalize(&model.head(&vision, v_out.as_tensor())?)?;
-    let txt = harma_clip::ops::l2_normalize(&model.head(&text, t_out.as_tensor())?)?;
+    let img = harma_kernels::nn::l2_normalize(&model.head(&vision, v_out.as_tensor())?)?;
+    let txt = harma_kernels::nn::l2_normalize(&model.head(&text, t_out.as_tensor())?)?;
     let terms = harma_loss(&img, &txt, &adapters.temp, image_ids, cfg)?;
     let mut grads = terms.total.backward()?;
     let mut tower_grad = |saved: &harma_clip::SavedTower, out: &Var| {

@@ -147,8 +147,10 @@ fn embed_errors_name_the_culprit_and_write_nothing() {
     assert!(err.contains("--images"), "{err}");
     let caps = f.join("cli/captions.txt");
     let err = run(&["--captions", caps.to_str().unwrap(), "--precision", "fp16"]);
+    // refused by the flag's parser, naming the value, the flag and the choices
     assert!(
-        err.contains("--precision fp16: expected f32 or bf16"),
+        err.contains("invalid value 'fp16' for '--precision")
+            && err.contains("[possible values: f32, bf16]"),
         "{err}"
     );
     // the wrong architecture for the checkpoint

@@ -14,7 +14,9 @@ fn the_demo_learns_far_beyond_chance_and_zero_shot() -> Result<()> {
         steps: 160,
         images: 200,
         seed: 3407,
-        device: "cpu".into(),
+        device: harma_train::device::DeviceArg {
+            spec: harma_train::device::DeviceSpec::Cpu,
+        },
     };
     let r = demo(&args)?;
     let chance = chance(40, 5).r_mean;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use harma_adapters::{AdapterConfig, HarmaAdapters};
-use harma_clip::{Checkpoint, Clip, ClipConfig};
+use harma_adapters::{is_adapter_key, AdapterConfig, HarmaAdapters};
+use harma_clip::{Checkpoint, Clip, ClipConfig, Compute, Precision};
 use harma_loss::{harma_loss, LossConfig, LossTerms};
 use harma_train::optim::{AdamW, AdamWConfig};
 use harma_train::step::GradAgreement;
@@ -32,13 +32,13 @@ struct Setup {
 impl Setup {
     fn new() -> Result<Self> {
         let cfg = ClipConfig::preset(fixtures().join("config.json").to_str().unwrap())?;
-        let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg)?;
-        let model = Clip::from_checkpoint(&ckpt, &cfg, &Device::Cpu)?;
+        let ckpt = Checkpoint::load(&fixtures().join("harma.pth"), &cfg, &is_adapter_key)?;
+        let model = Clip::from_checkpoint(&ckpt, &cfg, &Compute::cpu())?;
         let (adapters, vars) = HarmaAdapters::trainable(
-            ckpt.adapters.clone(),
+            ckpt.extras.clone(),
             &cfg,
             &AdapterConfig::default(),
-            &Device::Cpu,
+            &Compute::cpu(),
         )?;
         let batch =
             candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
@@ -134,7 +134,7 @@ fn three_steps_follow_the_original() -> Result<()> {
 #[test]
 fn bf16_backbone_gradients_follow_the_original() -> Result<()> {
     let mut s = Setup::new()?;
-    s.model = s.model.with_linear_dtype(DType::BF16)?;
+    s.model = s.model.with_precision(Precision::Bf16)?;
     let want = candle_core::safetensors::load(fixtures().join("grads.safetensors"), &Device::Cpu)?;
     // the whole graph, then the default backward (its kept activations in bf16)
     let kept = s.step(false)?.1;
@@ -219,7 +219,7 @@ fn both_towers_adapters_get_the_whole_graphs_gradients() -> Result<()> {
         let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu)?;
         moved.insert(name, (t + noise)?);
     }
-    (s.adapters, s.vars) = HarmaAdapters::trainable(moved, &s.cfg, &acfg, &Device::Cpu)?;
+    (s.adapters, s.vars) = HarmaAdapters::trainable(moved, &s.cfg, &acfg, &Compute::cpu())?;
     let kept = backward_strategies_agree(&s)?;
     for ((name, _), g) in s.vars.iter().zip(&kept) {
         let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
@@ -247,10 +247,10 @@ fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
     assert!(saved.contains_key("model.transformer.resblocks.0.mmadapter.BiShareAdapterxx.gate1"));
     assert!(saved.contains_key("model.visual.transformer.resblocks.1.gate1"));
     let reloaded = HarmaAdapters::from_tensors(
-        harma_clip::checkpoint::load_adapters(&path)?,
+        harma_adapters::load_file(&path)?,
         &s.cfg,
         &acfg,
-        &Device::Cpu,
+        &Compute::cpu(),
     )?;
     let after = s.model.encode_text(&s.ids, Some(&reloaded))?;
     let diff = (&before - &after)?
@@ -260,7 +260,7 @@ fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
         .to_scalar::<f32>()?;
     assert_eq!(diff, 0.0, "reloaded adapters give other embeddings");
     let fixture =
-        HarmaAdapters::from_tensors(s.ckpt.adapters.clone(), &s.cfg, &acfg, &Device::Cpu)?;
+        HarmaAdapters::from_tensors(s.ckpt.extras.clone(), &s.cfg, &acfg, &Compute::cpu())?;
     let original = s.model.encode_text(&s.ids, Some(&fixture))?;
     let moved = (&before - &original)?
         .abs()?
@@ -314,10 +314,10 @@ fn the_original_loads_what_we_train() -> Result<()> {
     let s = Setup::new()?;
     let acfg = AdapterConfig::default();
     let ours = HarmaAdapters::from_tensors(
-        harma_clip::checkpoint::load_adapters(&own_fixtures().join("trained.safetensors"))?,
+        harma_adapters::load_file(&own_fixtures().join("trained.safetensors"))?,
         &s.cfg,
         &acfg,
-        &Device::Cpu,
+        &Compute::cpu(),
     )?;
     let inputs =
         candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
@@ -345,7 +345,7 @@ fn the_original_loads_what_we_train() -> Result<()> {
             .collect(),
         &s.cfg,
         &acfg,
-        &Device::Cpu,
+        &Compute::cpu(),
     )?;
     let again = s
         .model

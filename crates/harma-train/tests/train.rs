@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use harma_train::config::{Args, TrainConfig};
+use harma_train::config::{TrainArgs, TrainConfig};
 use harma_train::train::{train, Control, Outcome};
 
 fn fixtures() -> PathBuf {
@@ -96,34 +96,88 @@ fn tiny_model(dir: &Path) -> (PathBuf, PathBuf) {
     (model, cfg_path)
 }
 
-/// Settings for a 5-step run into `dir/out`, starting from the fixture's (non-zero) adapters.
-fn args(dir: &Path, out: &str) -> Args {
-    let (model, config) = tiny_model(dir);
-    Args {
-        train_json: Some(dataset(dir)),
-        image_root: Some(dir.join("images")),
-        init: Some(model),
-        arch: Some(config.display().to_string()),
-        adapters: Some(fixtures().join("adapters.safetensors")),
-        val_json: Some(dir.join("val.json")),
-        test_json: Some(dir.join("test.json")),
-        batch_size: Some(4),
-        steps: Some(5),
-        lr: Some(1e-3),
-        out: Some(dir.join(out)),
-        ..Args::default()
+/// `harma train` flags, set one by one (a flag set again replaces its value).
+#[derive(Debug, Clone, Default)]
+struct Flags(Vec<(String, Option<String>)>);
+
+impl Flags {
+    fn set(mut self, flag: &str, value: impl std::fmt::Display) -> Self {
+        self.0.retain(|(f, _)| f != flag);
+        self.0.push((flag.to_string(), Some(value.to_string())));
+        self
+    }
+
+    /// A switch (`--no-shuffle`).
+    fn on(mut self, flag: &str) -> Self {
+        self.0.push((flag.to_string(), None));
+        self
+    }
+
+    fn unset(mut self, flag: &str) -> Self {
+        self.0.retain(|(f, _)| f != flag);
+        self
+    }
+
+    fn get(&self, flag: &str) -> String {
+        let v = self.0.iter().find(|(f, _)| f == flag);
+        v.and_then(|(_, v)| v.clone()).unwrap_or_default()
+    }
+
+    fn argv(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .flat_map(|(f, v)| std::iter::once(f.clone()).chain(v.clone()))
+            .collect()
+    }
+
+    /// The settings, as `harma train` with these flags resolves them.
+    fn resolve(&self) -> Result<TrainConfig> {
+        TrainConfig::resolve(&TrainArgs::from_flags(&self.argv())?)
     }
 }
 
+/// Settings for a 5-step run into `dir/out`, starting from the fixture's (non-zero) adapters.
+fn args(dir: &Path, out: &str) -> Flags {
+    let (model, config) = tiny_model(dir);
+    Flags::default()
+        .set("--train-json", dataset(dir).display())
+        .set("--image-root", dir.join("images").display())
+        .set("--init", model.display())
+        .set("--arch", config.display())
+        .set(
+            "--adapters",
+            fixtures().join("adapters.safetensors").display(),
+        )
+        .set("--val-json", dir.join("val.json").display())
+        .set("--test-json", dir.join("test.json").display())
+        .set("--batch-size", 4)
+        .set("--steps", 5)
+        .set("--lr", 1e-3)
+        .set("--out", dir.join(out).display())
+}
+
 /// `harma train` with the data, model and adapters of `a`; the caller adds the rest.
-fn train_command(a: &Args) -> std::process::Command {
-    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+fn train_command(a: &Flags) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harma"));
-    cmd.args(["train", "--train-json", &path(&a.train_json)])
-        .args(["--image-root", &path(&a.image_root)])
-        .args(["--init", &path(&a.init), "--adapters", &path(&a.adapters)])
-        .args(["--arch", a.arch.as_ref().unwrap(), "--out", &path(&a.out)]);
+    cmd.arg("train");
+    for flag in [
+        "--train-json",
+        "--image-root",
+        "--init",
+        "--adapters",
+        "--arch",
+        "--out",
+    ] {
+        cmd.args([flag.to_string(), a.get(flag)]);
+    }
     cmd
+}
+
+/// The settings of a resumed run, with `flags` given too.
+fn resumed(dir: &Path, flags: &[&str]) -> Result<TrainConfig> {
+    let mut argv = vec!["--resume", dir.to_str().unwrap()];
+    argv.extend_from_slice(flags);
+    TrainConfig::resolve(&TrainArgs::from_flags(&argv)?)
 }
 
 fn log(dir: &Path) -> Vec<serde_json::Value> {
@@ -163,30 +217,27 @@ fn contents(path: &Path) -> Contents {
 fn resuming_equals_not_stopping() -> Result<()> {
     let dir = temp_dir("resume");
     // 12 pairs, batch 4: 3 steps per epoch, so the run crosses an epoch (a new shuffle)
-    let a = TrainConfig::resolve(&args(&dir, "a"))?;
+    let a = args(&dir, "a").resolve()?;
     assert_eq!(
         train(&a, false, &Control::default())?,
         Outcome::Finished { steps: 5 }
     );
 
-    let b = TrainConfig::resolve(&args(&dir, "b"))?;
+    let b = args(&dir, "b").resolve()?;
     let stop = Control {
         stop_after: Some(2),
         ..Control::default()
     };
     assert_eq!(train(&b, false, &stop)?, Outcome::Stopped { step: 2 });
-    assert_eq!(log(&b.out).len(), 2);
-    let resumed = TrainConfig::resolve(&Args {
-        resume: Some(b.out.clone()),
-        ..Args::default()
-    })?;
+    assert_eq!(log(b.out()).len(), 2);
+    let resumed = resumed(b.out(), &[])?;
     assert_eq!(resumed, b, "the resumed run reads its own settings");
     assert_eq!(
         train(&resumed, true, &Control::default())?,
         Outcome::Finished { steps: 5 }
     );
 
-    let (la, lb) = (log(&a.out), log(&b.out));
+    let (la, lb) = (log(a.out()), log(b.out()));
     assert_eq!(la.len(), 5);
     assert_eq!(la, lb, "logs differ");
     let steps: Vec<u64> = la.iter().map(|l| l["step"].as_u64().unwrap()).collect();
@@ -204,14 +255,14 @@ fn resuming_equals_not_stopping() -> Result<()> {
     }
     for file in ["adapters.safetensors", "resume.safetensors"] {
         assert_eq!(
-            contents(&a.out.join(file)),
-            contents(&b.out.join(file)),
+            contents(&a.out().join(file)),
+            contents(&b.out().join(file)),
             "{file} differs"
         );
     }
     // the trained adapters moved away from the starting ones
-    let start = harma_clip::checkpoint::load_adapters(&fixtures().join("adapters.safetensors"))?;
-    let end = harma_clip::checkpoint::load_adapters(&a.out.join("adapters.safetensors"))?;
+    let start = harma_adapters::load_file(&fixtures().join("adapters.safetensors"))?;
+    let end = harma_adapters::load_file(&a.out().join("adapters.safetensors"))?;
     assert_eq!(start.len(), end.len());
     let moved = (&start["temp"] - &end["temp"])?.abs()?.to_scalar::<f32>()?;
     assert!(moved > 1e-5, "temp did not move");
@@ -223,23 +274,22 @@ fn resuming_equals_not_stopping() -> Result<()> {
 fn a_nan_loss_stops_and_keeps_the_last_good_checkpoint() -> Result<()> {
     let dir = temp_dir("nan");
     // a step size of 1e30 (no decay, so the weights stay finite) overflows the next forward
-    let cfg = TrainConfig::resolve(&Args {
-        lr: Some(1e30),
-        weight_decay: Some(0.0),
-        schedule: Some(harma_train::config::ScheduleKind::Constant),
-        save_every: Some(1),
-        ..args(&dir, "run")
-    })?;
+    let cfg = args(&dir, "run")
+        .set("--lr", 1e30)
+        .set("--weight-decay", 0.0)
+        .set("--schedule", "constant")
+        .set("--save-every", 1)
+        .resolve()?;
     let err = train(&cfg, false, &Control::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("step 2: the loss is"), "{err}");
     assert!(err.contains("after step 1"), "{err}");
-    assert_eq!(log(&cfg.out).len(), 1);
-    let bytes = std::fs::read(cfg.out.join("adapters.safetensors"))?;
+    assert_eq!(log(cfg.out()).len(), 1);
+    let bytes = std::fs::read(cfg.out().join("adapters.safetensors"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
     assert_eq!(header.metadata().as_ref().unwrap()["step"], "1");
-    let kept = harma_clip::checkpoint::load_adapters(&cfg.out.join("adapters.safetensors"))?;
+    let kept = harma_adapters::load_file(&cfg.out().join("adapters.safetensors"))?;
     for (k, t) in kept {
         let v = t.flatten_all()?.to_vec1::<f32>()?;
         assert!(v.iter().all(|x| x.is_finite()), "{k}");
@@ -251,12 +301,9 @@ fn a_nan_loss_stops_and_keeps_the_last_good_checkpoint() -> Result<()> {
 #[test]
 fn a_folder_with_a_run_is_not_overwritten() -> Result<()> {
     let dir = temp_dir("again");
-    let cfg = TrainConfig::resolve(&Args {
-        steps: Some(1),
-        ..args(&dir, "run")
-    })?;
+    let cfg = args(&dir, "run").set("--steps", 1).resolve()?;
     train(&cfg, false, &Control::default())?;
-    let before = std::fs::read(cfg.out.join("adapters.safetensors"))?;
+    let before = std::fs::read(cfg.out().join("adapters.safetensors"))?;
     let err = train(&cfg, false, &Control::default())
         .unwrap_err()
         .to_string();
@@ -264,8 +311,11 @@ fn a_folder_with_a_run_is_not_overwritten() -> Result<()> {
         err.contains("already holds a training run") && err.contains("--resume"),
         "{err}"
     );
-    assert_eq!(std::fs::read(cfg.out.join("adapters.safetensors"))?, before);
-    assert_eq!(log(&cfg.out).len(), 1);
+    assert_eq!(
+        std::fs::read(cfg.out().join("adapters.safetensors"))?,
+        before
+    );
+    assert_eq!(log(cfg.out()).len(), 1);
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
@@ -274,7 +324,6 @@ fn a_folder_with_a_run_is_not_overwritten() -> Result<()> {
 fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let dir = temp_dir("cli");
     let a = args(&dir, "run");
-    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
     let settings = [
         "--batch-size",
         "4",
@@ -291,11 +340,11 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let out = train_command(&a).args(settings).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let run = a.out.clone().unwrap();
+    let run = PathBuf::from(a.get("--out"));
     let cfg: TrainConfig = toml::from_str(&std::fs::read_to_string(run.join("config.toml"))?)?;
     assert_eq!(
-        (cfg.epochs, cfg.seed, cfg.shuffle, cfg.lr),
-        (Some(1), 1, false, 1e-4)
+        (cfg.run.epochs, cfg.run.seed, cfg.run.shuffle, cfg.optim.lr),
+        (Some(1), 1, false, Some(1e-4))
     );
     let lines = log(&run);
     assert_eq!(lines.len(), 3);
@@ -310,18 +359,15 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
         assert!(lines.iter().all(|l| l[key].is_number()), "{key}");
     }
     // 59 trained tensors under the original's names
-    let saved = harma_clip::checkpoint::load_tensors(&run.join("adapters.safetensors"))?;
+    let saved = harma_checkpoint::format::load_tensors(&run.join("adapters.safetensors"))?;
     assert_eq!(saved.len(), 59);
     assert!(saved.contains_key("model.visual.transformer.resblocks.0.mmadapter.gate1"));
 
     // --recompute trains the same run (the same losses) holding one block's activations
-    let out = train_command(&Args {
-        out: Some(dir.join("recomputed")),
-        ..a.clone()
-    })
-    .args(settings)
-    .arg("--recompute")
-    .output()?;
+    let out = train_command(&a.clone().set("--out", dir.join("recomputed").display()))
+        .args(settings)
+        .arg("--recompute")
+        .output()?;
     assert!(
         out.status.success(),
         "{}",
@@ -330,7 +376,7 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let cfg2: TrainConfig = toml::from_str(&std::fs::read_to_string(
         dir.join("recomputed/config.toml"),
     )?)?;
-    assert!(cfg2.recompute && !cfg.recompute);
+    assert!(cfg2.run.recompute && !cfg.run.recompute);
     for (x, y) in lines.iter().zip(log(&dir.join("recomputed"))) {
         let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
         assert!((lx - ly).abs() <= 1e-6 * lx.abs(), "{lx} vs {ly}");
@@ -344,9 +390,9 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
         .args(["train", "--train-json", json.to_str().unwrap()])
         .args([
             "--image-root",
-            &path(&a.image_root),
+            &a.get("--image-root"),
             "--init",
-            &path(&a.init),
+            &a.get("--init"),
         ])
         .args(["--batch-size", "4", "--steps", "1", "--lr", "1e-4", "--out"])
         .arg(dir.join("other"))
@@ -365,15 +411,14 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
 fn val_picks_the_best_and_test_uses_it_as_harma_eval_does() -> Result<()> {
     let dir = temp_dir("val");
     // 3 steps per epoch, val every 2 steps and at the end: steps 2, 4, 6, 7
-    let cfg = TrainConfig::resolve(&Args {
-        steps: Some(7),
-        val_every: Some(2),
-        lr: Some(3e-3),
-        ..args(&dir, "run")
-    })?;
+    let cfg = args(&dir, "run")
+        .set("--steps", 7)
+        .set("--val-every", 2)
+        .set("--lr", 3e-3)
+        .resolve()?;
     train(&cfg, false, &Control::default())?;
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("metrics.json"))?)?;
+        serde_json::from_str(&std::fs::read_to_string(cfg.out().join("metrics.json"))?)?;
     let val = m["val"].as_array().unwrap();
     let steps: Vec<u64> = val.iter().map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [2, 4, 6, 7]);
@@ -387,7 +432,7 @@ fn val_picks_the_best_and_test_uses_it_as_harma_eval_does() -> Result<()> {
         .find(|v| v["r_mean"].as_f64().unwrap() == top)
         .unwrap();
     assert_eq!(m["best"], *first_top);
-    let bytes = std::fs::read(cfg.out.join("best.safetensors"))?;
+    let bytes = std::fs::read(cfg.out().join("best.safetensors"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
     assert_eq!(
         header.metadata().as_ref().unwrap()["step"],
@@ -398,21 +443,22 @@ fn val_picks_the_best_and_test_uses_it_as_harma_eval_does() -> Result<()> {
 
     // `harma eval` with best.safetensors on test gives the numbers the run recorded
     let out_json = dir.join("eval.json");
-    let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
         .args([
             "eval",
             "--model",
-            &cfg.init.display().to_string(),
+            &cfg.init().display().to_string(),
             "--arch",
-            &cfg.arch,
+            &cfg.model.backbone.arch,
         ])
         .args([
             "--adapters",
-            &cfg.out.join("best.safetensors").display().to_string(),
+            &cfg.out().join("best.safetensors").display().to_string(),
         ])
-        .args(["--test-json", &path(&cfg.test_json), "--image-root"])
-        .arg(&cfg.image_root)
+        .arg("--test-json")
+        .arg(cfg.data.test_json.as_ref().unwrap())
+        .arg("--image-root")
+        .arg(cfg.image_root())
         .args(["--batch-size", "5", "--out", out_json.to_str().unwrap()])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -445,13 +491,10 @@ fn a_corrupt_image_stops_training_naming_the_file() -> Result<()> {
     let a = args(&dir, "run");
     // passes the existence check, fails to decode at its first batch
     std::fs::write(dir.join("images/green.png"), b"\x89PNG\r\n\x1a\n not a png")?;
-    let cfg = TrainConfig::resolve(&Args {
-        no_shuffle: true,
-        ..a
-    })?;
+    let cfg = a.on("--no-shuffle").resolve()?;
     let err = format!("{:#}", train(&cfg, false, &Control::default()).unwrap_err());
     assert!(err.contains("green.png"), "{err}");
-    assert!(!cfg.out.join("adapters.safetensors").exists());
+    assert!(!cfg.out().join("adapters.safetensors").exists());
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
@@ -464,7 +507,7 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
         .args(["--batch-size", "4", "--steps", "100000", "--lr", "1e-4"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let run = a.out.clone().unwrap();
+    let run = PathBuf::from(a.get("--out"));
     let started = std::time::Instant::now();
     while !run.join("log.jsonl").exists() || log(&run).is_empty() {
         assert!(started.elapsed().as_secs() < 120, "no step logged");
@@ -486,11 +529,7 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
         steps.to_string()
     );
     // and it continues from there
-    let resumed = TrainConfig::resolve(&Args {
-        resume: Some(run.clone()),
-        steps: Some(steps as u64 + 1),
-        ..Args::default()
-    })?;
+    let resumed = resumed(&run, &["--steps", &(steps + 1).to_string()])?;
     assert_eq!(
         train(&resumed, true, &Control::default())?,
         Outcome::Finished { steps: steps + 1 }
@@ -515,17 +554,16 @@ fn own_csv_and_jsonl_files_train_and_evaluate() -> Result<()> {
     }
     std::fs::write(dir.join("train.csv"), csv)?;
     std::fs::write(dir.join("val.jsonl"), jsonl)?;
-    let cfg = TrainConfig::resolve(&Args {
-        train_json: Some(dir.join("train.csv")),
-        val_json: Some(dir.join("val.jsonl")),
-        test_json: None,
-        steps: Some(3),
-        ..a
-    })?;
+    let cfg = a
+        .set("--train-json", dir.join("train.csv").display())
+        .set("--val-json", dir.join("val.jsonl").display())
+        .unset("--test-json")
+        .set("--steps", 3)
+        .resolve()?;
     train(&cfg, false, &Control::default())?;
-    assert_eq!(log(&cfg.out).len(), 3);
+    assert_eq!(log(cfg.out()).len(), 3);
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("metrics.json"))?)?;
+        serde_json::from_str(&std::fs::read_to_string(cfg.out().join("metrics.json"))?)?;
     // 12 pairs, batch 4: an epoch is 3 steps, so val ran once, at the end
     assert_eq!(m["val"].as_array().unwrap().len(), 1);
     assert!(m["val"][0]["r_mean"].as_f64().unwrap() > 0.0);

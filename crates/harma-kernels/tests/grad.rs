@@ -4,7 +4,16 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use harma_clip::ops::{self, LayerNorm, Linear, MultiHeadAttention};
+use harma_kernels::nn::{self, FrozenBranch, LayerNorm, Linear, MultiHeadAttention};
+use harma_kernels::{Compute, Kernels, Precision};
+
+const FUSED: Kernels = Kernels::Fused;
+
+/// A frozen layer in `precision` on the CPU.
+fn frozen_linear(w: Tensor, b: Tensor, precision: Precision) -> Result<Linear> {
+    let compute = Compute::cpu().with_precision(precision);
+    Ok(Linear::frozen(w, Some(b), &compute)?)
+}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
@@ -60,7 +69,7 @@ fn reference_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tenso
     let (q, k, v) = (split(0)?, split(1)?, split(2)?);
     let mut s = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
     if causal {
-        s = s.broadcast_add(&ops::causal_mask(l, &Device::Cpu)?)?;
+        s = s.broadcast_add(&nn::causal_mask(l, &Device::Cpu)?)?;
     }
     let p = candle_nn::ops::softmax(&s, D::Minus1)?;
     Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?)
@@ -71,7 +80,7 @@ fn attention_backward_matches_generic_ops() -> Result<()> {
     for causal in [false, true] {
         let qkv = randn(&[3, 7, 3 * 16], 1)?;
         let op = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.apply_op1(harma_clip::ops::AttentionKernel { heads: 4, causal })?)
+            Ok(x.apply_op1(harma_kernels::ops::Attention { heads: 4, causal })?)
         };
         let (f, g, _) = grads(&qkv, op, |x| reference_attention(x, 4, causal))?;
         eprintln!("attention causal={causal}: forward {f:.1e}, gradient {g:.1e}");
@@ -87,6 +96,7 @@ fn layer_norm_and_quick_gelu_backward_match_generic_ops() -> Result<()> {
         weight: (randn(&[24], 3)? + 1.0)?,
         bias: randn(&[24], 4)?,
         eps: 1e-5,
+        kernels: FUSED,
     };
     let reference_ln = |x: &Tensor| -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -102,7 +112,7 @@ fn layer_norm_and_quick_gelu_backward_match_generic_ops() -> Result<()> {
         let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
         Ok((x * s)?)
     };
-    let (f, g, _) = grads(&x, |x| Ok(ops::quick_gelu(x)?), reference_qg)?;
+    let (f, g, _) = grads(&x, |x| Ok(nn::quick_gelu(x, FUSED)?), reference_qg)?;
     eprintln!("quick gelu: forward {f:.1e}, gradient {g:.1e}");
     assert!(f < 1e-5 && g < 1e-5);
     Ok(())
@@ -112,21 +122,24 @@ fn layer_norm_and_quick_gelu_backward_match_generic_ops() -> Result<()> {
 fn frozen_weights_get_no_gradient_trained_ones_do() -> Result<()> {
     let x = Var::from_tensor(&randn(&[2, 5, 16], 5)?)?;
     let frozen = MultiHeadAttention {
-        in_proj: Linear::new(randn(&[48, 16], 6)?, Some(randn(&[48], 7)?))?,
-        out_proj: Linear::new(randn(&[16, 16], 8)?, Some(randn(&[16], 9)?))?,
+        in_proj: frozen_linear(randn(&[48, 16], 6)?, randn(&[48], 7)?, Precision::F32)?,
+        out_proj: frozen_linear(randn(&[16, 16], 8)?, randn(&[16], 9)?, Precision::F32)?,
         heads: 4,
+        kernels: FUSED,
     };
     let ln = LayerNorm {
         weight: randn(&[16], 10)?,
         bias: randn(&[16], 11)?,
         eps: 1e-5,
+        kernels: FUSED,
     };
     // a trained linear after the frozen part
     let w = Var::from_tensor(&randn(&[8, 16], 12)?)?;
     let b = Var::from_tensor(&Tensor::zeros(8, DType::F32, &Device::Cpu)?)?;
-    let trained = Linear::trained(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-    let y = trained.forward(&ops::quick_gelu(
+    let trained = Linear::trained(w.as_tensor().clone(), Some(b.as_tensor().clone()), FUSED);
+    let y = trained.forward(&nn::quick_gelu(
         &frozen.forward(&ln.forward(x.as_tensor())?, false)?,
+        FUSED,
     )?)?;
     let grads = y.sum_all()?.backward()?;
     for t in [
@@ -144,7 +157,7 @@ fn frozen_weights_get_no_gradient_trained_ones_do() -> Result<()> {
     }
     // and the trained linear's gradients equal Candle's matmul gradients
     let w2 = Var::from_tensor(w.as_tensor())?;
-    let h = ops::quick_gelu(&frozen.forward(&ln.forward(x.as_tensor())?, false)?)?.detach();
+    let h = nn::quick_gelu(&frozen.forward(&ln.forward(x.as_tensor())?, false)?, FUSED)?.detach();
     let y2 = h.reshape((10, 16))?.matmul(&w2.as_tensor().t()?)?;
     let g2 = y2.sum_all()?.backward()?;
     let gw = grads.get(w.as_tensor()).unwrap();
@@ -162,32 +175,41 @@ fn fused_branches_match_their_layers() -> Result<()> {
         weight: (randn(&[24], 19)? + 1.0)?,
         bias: randn(&[24], 20)?,
         eps: 1e-5,
+        kernels: FUSED,
     };
-    let fc = Linear::new(randn(&[40, 24], 14)?, Some(randn(&[40], 15)?))?;
-    let proj = Linear::new(randn(&[24, 40], 16)?, Some(randn(&[24], 17)?))?;
+    let fc = frozen_linear(randn(&[40, 24], 14)?, randn(&[40], 15)?, Precision::F32)?;
+    let proj = frozen_linear(randn(&[24, 40], 16)?, randn(&[24], 17)?, Precision::F32)?;
     let attn = MultiHeadAttention {
         // scaled as trained weights are, so that the softmax is not saturated
-        in_proj: Linear::new((randn(&[72, 24], 21)? * 0.2)?, Some(randn(&[72], 22)?))?,
-        out_proj: Linear::new(randn(&[24, 24], 23)?, Some(randn(&[24], 24)?))?,
+        in_proj: frozen_linear(
+            (randn(&[72, 24], 21)? * 0.2)?,
+            randn(&[72], 22)?,
+            Precision::F32,
+        )?,
+        out_proj: frozen_linear(randn(&[24, 24], 23)?, randn(&[24], 24)?, Precision::F32)?,
         heads: 4,
+        kernels: FUSED,
     };
-    for dtype in [DType::F32, DType::BF16] {
-        let (fc, proj) = (fc.to_dtype(dtype)?, proj.to_dtype(dtype)?);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let compute = Compute::cpu().with_precision(precision);
+        let dtype = precision.dtype();
+        let (fc, proj) = (fc.with_precision(&compute)?, proj.with_precision(&compute)?);
         let attn = MultiHeadAttention {
-            in_proj: attn.in_proj.to_dtype(dtype)?,
-            out_proj: attn.out_proj.to_dtype(dtype)?,
+            in_proj: attn.in_proj.with_precision(&compute)?,
+            out_proj: attn.out_proj.with_precision(&compute)?,
             heads: 4,
+            kernels: FUSED,
         };
-        let mut cases: Vec<(String, ops::FrozenBranch)> = vec![(
+        let mut cases: Vec<(String, FrozenBranch)> = vec![(
             "MLP".into(),
-            ops::FrozenBranch::QuickGeluMlp {
+            FrozenBranch::QuickGeluMlp {
                 ln: ln.clone(),
                 fc: fc.clone(),
                 proj: proj.clone(),
             },
         )];
         for causal in [false, true] {
-            let branch = ops::FrozenBranch::Attention {
+            let branch = FrozenBranch::Attention {
                 ln: ln.clone(),
                 attn: attn.clone(),
                 causal,
@@ -201,8 +223,8 @@ fn fused_branches_match_their_layers() -> Result<()> {
             let layers = |x: &Tensor| -> Result<Tensor> {
                 let h = ln.forward(x)?;
                 Ok(match &branch {
-                    ops::FrozenBranch::Attention { causal, .. } => attn.forward(&h, *causal)?,
-                    _ => proj.forward(&ops::quick_gelu(&fc.forward(&h)?)?)?,
+                    FrozenBranch::Attention { causal, .. } => attn.forward(&h, *causal)?,
+                    _ => proj.forward(&nn::quick_gelu(&fc.forward(&h)?, FUSED)?)?,
                 })
             };
             let (f, g, g_max) = grads(&x, fused, layers)?;
@@ -227,9 +249,9 @@ fn fused_branches_match_their_layers() -> Result<()> {
         }
     }
     // a trained layer does not fuse
-    let branch = ops::FrozenBranch::QuickGeluMlp {
+    let branch = FrozenBranch::QuickGeluMlp {
         ln,
-        fc: Linear::trained(randn(&[40, 24], 18)?, None),
+        fc: Linear::trained(randn(&[40, 24], 18)?, None, FUSED),
         proj,
     };
     assert!(branch.forward_fused(&x)?.is_none());

@@ -1,0 +1,200 @@
+//! Frozen linear layers in bf16 on the CPU (`--precision bf16`).
+//!
+//! Both operands of every product are rounded to bf16 (round to nearest even) and the products
+//! are summed in f32. The products run on the [`Bf16Kernel`] the [`crate::Compute`] names:
+//! AMX tiles, or the f32 GEMM over bf16-rounded operands (the same numbers at f32 speed).
+
+use crate::compute::Bf16Kernel;
+use crate::raw::amx;
+use crate::raw::bf16::round_bf16;
+use crate::raw::gemm::{gemm_acc, linear_f32};
+
+/// A frozen linear layer `y = x w^T + b` with bf16 operands and f32 sums. The weight is kept
+/// in the two layouts its forward (`x w^T`) and input gradient (`g w`) read.
+#[derive(Debug)]
+pub struct Bf16Linear {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    bias: Option<Vec<f32>>,
+    weights: Weights,
+}
+
+#[derive(Debug)]
+enum Weights {
+    /// AMX tiles: `w^T` [in, out] and `w` [out, in], packed.
+    Amx { fwd: amx::Packed, bwd: amx::Packed },
+    /// For the f32 GEMM: `w^T` [in, out], row-major, bf16-rounded.
+    F32(Vec<f32>),
+}
+
+impl Bf16Linear {
+    /// From `w_t` [in, out] (row-major, f32) and an optional bias [out] (kept in f32), for
+    /// `kernel` (which must be [`Bf16Kernel::available`]).
+    pub fn new(
+        w_t: &[f32],
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Vec<f32>>,
+        kernel: Bf16Kernel,
+    ) -> Self {
+        assert_eq!(w_t.len(), in_dim * out_dim, "bf16 linear: weight size");
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), out_dim, "bf16 linear: bias size");
+        }
+        assert!(
+            kernel.available(),
+            "bf16 kernel {kernel} is not available here"
+        );
+        let weights = match kernel {
+            Bf16Kernel::Amx => Weights::Amx {
+                fwd: amx::Packed::new(in_dim, out_dim, |k, n| w_t[k * out_dim + n]),
+                bwd: amx::Packed::new(out_dim, in_dim, |k, n| w_t[n * out_dim + k]),
+            },
+            Bf16Kernel::F32 => Weights::F32(w_t.iter().map(|&v| round_bf16(v)).collect()),
+        };
+        Self {
+            in_dim,
+            out_dim,
+            bias,
+            weights,
+        }
+    }
+
+    /// The kernel this layer runs on.
+    pub fn kernel(&self) -> Bf16Kernel {
+        match self.weights {
+            Weights::Amx { .. } => Bf16Kernel::Amx,
+            Weights::F32(_) => Bf16Kernel::F32,
+        }
+    }
+
+    /// The weight as the products see it: `w^T` [in, out], bf16-rounded, in f32.
+    pub fn weight_t(&self) -> Vec<f32> {
+        match &self.weights {
+            Weights::Amx { fwd, .. } => fwd.unpack(),
+            Weights::F32(w) => w.clone(),
+        }
+    }
+
+    /// `x` [rows, in] -> `x w^T + b` [rows, out].
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.in_dim, "bf16 linear: input size");
+        match &self.weights {
+            Weights::Amx { fwd, .. } => amx::matmul(x, rows, fwd, self.bias.as_deref()),
+            Weights::F32(w_t) => {
+                let x: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+                let dims = (rows, self.in_dim, self.out_dim);
+                linear_f32(&x, w_t, self.bias.as_deref(), dims)
+            }
+        }
+    }
+
+    /// The input gradient: `g` [rows, out] -> `g w` [rows, in].
+    pub fn backward(&self, g: &[f32], rows: usize) -> Vec<f32> {
+        assert_eq!(g.len(), rows * self.out_dim, "bf16 linear: gradient size");
+        match &self.weights {
+            Weights::Amx { bwd, .. } => amx::matmul(g, rows, bwd, None),
+            Weights::F32(w) => {
+                let mut y = vec![0.0; rows * self.in_dim];
+                let g: Vec<f32> = g.iter().map(|&v| round_bf16(v)).collect();
+                let (k, n) = (self.out_dim, self.in_dim);
+                // w [k = out, n = in] is w_t read transposed
+                gemm_acc(&mut y, &g, rows, k, n, (w, 1, k as isize));
+                y
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 sums of bf16-rounded operands: what every kernel must compute, up to f32 rounding.
+    fn reference(
+        x: &[f32],
+        w_t: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = b.map_or(0.0, |b| b[j] as f64);
+                for kk in 0..k {
+                    s += round_bf16(x[i * k + kk]) as f64 * round_bf16(w_t[kk * n + j]) as f64;
+                }
+                y[i * n + j] = s;
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    fn max_err(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn check(kernel: Bf16Kernel) {
+        // shapes that need padding in every dimension, and one that needs none
+        for (m, k, n) in [(37, 45, 50), (64, 96, 32), (1, 7, 3), (33, 64, 65)] {
+            let (x, w_t, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+            let lin = Bf16Linear::new(&w_t, k, n, Some(b.clone()), kernel);
+            assert_eq!(lin.kernel(), kernel);
+            let y = lin.forward(&x, m);
+            let want = reference(&x, &w_t, Some(&b), m, k, n);
+            let err = max_err(&y, &want);
+            assert!(err < 1e-5 * k as f64, "{kernel} forward {m}x{k}x{n}: {err}");
+            // input gradient: g [m, n] times w [n, k], i.e. w_t^T
+            let g = values(m * n, 4);
+            let w: Vec<f32> = (0..n * k).map(|i| w_t[(i % k) * n + i / k]).collect();
+            let gx = lin.backward(&g, m);
+            let want = reference(&g, &w, None, m, n, k);
+            let err = max_err(&gx, &want);
+            assert!(
+                err < 1e-5 * n as f64,
+                "{kernel} backward {m}x{k}x{n}: {err}"
+            );
+            let rounded: Vec<f32> = w_t.iter().map(|&v| round_bf16(v)).collect();
+            assert_eq!(lin.weight_t(), rounded);
+        }
+    }
+
+    /// The fallback runs everywhere, forced even where a faster kernel exists.
+    #[test]
+    fn the_f32_kernel_computes_bf16_products() {
+        check(Bf16Kernel::F32);
+    }
+
+    /// Every kernel this CPU has; the ones it lacks are named as skipped.
+    #[test]
+    fn every_available_kernel_computes_bf16_products() {
+        let mut ran = Vec::new();
+        for kernel in Bf16Kernel::ALL {
+            if !kernel.available() {
+                eprintln!("skipped: the {kernel} kernel (this CPU or OS lacks it)");
+                continue;
+            }
+            check(kernel);
+            ran.push(kernel.name());
+        }
+        eprintln!("tested bf16 kernels: {}", ran.join(", "));
+        assert!(ran.contains(&"f32"));
+    }
+}
