@@ -1,6 +1,8 @@
 //! Project tasks: `cargo xtask bench`, `fetch-data`, `build-cuda`, `gpu-check`. One module per
 //! command.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod cuda;
 mod fetch;

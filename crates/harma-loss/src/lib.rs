@@ -6,6 +6,8 @@
 //! Reference: HarMA `models/harma.py`, `HarMABase.get_contr_loss`, `weighted_triplet_loss`,
 //! `get_triplet_loss` (<https://github.com/seekerhuang/HarMA>).
 
+#![forbid(unsafe_code)]
+
 use candle_core::{DType, Device, Tensor, D};
 
 /// Errors of the loss crate.

@@ -8,6 +8,8 @@
 //! is what the original's `np.argsort(score)[::-1]` gives with a stable sort (numpy's default
 //! sort leaves the order of ties to its algorithm).
 
+#![forbid(unsafe_code)]
+
 use rayon::prelude::*;
 
 /// Errors of the metrics crate.

@@ -8,10 +8,13 @@ use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use harma_adapters::{is_adapter_key, AdapterConfig, HarmaAdapters};
-use harma_clip::{Checkpoint, Clip, ClipConfig, Compute, Precision};
+use harma_clip::{Checkpoint, Clip, ClipConfig, Compute, Kernels, Precision};
+use harma_data::batcher::Batch;
 use harma_loss::{harma_loss, LossConfig, LossTerms};
 use harma_train::optim::{AdamW, AdamWConfig};
+use harma_train::schedule::Schedule;
 use harma_train::step::GradAgreement;
+use harma_train::trainer::{NonFiniteLoss, Trainer, TrainerSettings};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
@@ -126,6 +129,122 @@ fn three_steps_follow_the_original() -> Result<()> {
             opt.step(&loss.total.backward()?, lr)?;
         }
     }
+    Ok(())
+}
+
+/// `Trainer::step` on its own, without the CLI or the run loop: four steps on the fixture batch
+/// report the losses of the original's first four (each step reports the loss it computed,
+/// before its own update), at a constant learning rate.
+#[test]
+fn the_trainer_steps_as_the_original() -> Result<()> {
+    let s = Setup::new()?;
+    let steps: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("steps.json"))?)?;
+    let want: Vec<f64> = steps["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let lr = steps["lr"].as_f64().unwrap();
+    let settings = TrainerSettings {
+        lr,
+        schedule: Schedule::Constant,
+        adamw: AdamWConfig::default(),
+        loss: LossConfig::default(),
+        max_grad_norm: None,
+        recompute: false,
+    };
+    let acfg = AdapterConfig::default();
+    let mut trainer = Trainer::new(s.model.clone(), s.ckpt.extras.clone(), &acfg, settings)?;
+    let batch = Batch {
+        pixels: s.pixels.flatten_all()?.to_vec1()?,
+        ids: s.ids.flatten_all()?.to_vec1()?,
+        image_ids: s.image_ids.clone(),
+    };
+    for (k, &w) in want.iter().enumerate() {
+        let r = trainer.step(batch.clone())?;
+        let rel = (r.loss - w).abs() / w.abs();
+        eprintln!(
+            "trainer step {}: loss {:.6} original {w:.6} rel err {rel:.1e}",
+            r.step, r.loss
+        );
+        assert!(rel <= 1e-4, "step {k}: {} vs {w}", r.loss);
+        assert_eq!((r.step, r.lr, r.grad_norm), (k + 1, lr, None));
+        assert!((r.loss - r.loss_contrastive - r.loss_triplet).abs() < 1e-5 && r.temp > 0.0);
+    }
+    assert_eq!(trainer.steps_done(), want.len());
+    // a batch whose loss is not finite is refused and changes nothing
+    let before = trainer.detached();
+    let mut bad = batch;
+    bad.pixels.iter_mut().for_each(|p| *p = f32::NAN);
+    let err = trainer.step(bad).unwrap_err();
+    assert!(err.downcast_ref::<NonFiniteLoss>().is_some(), "{err}");
+    assert_eq!(trainer.steps_done(), want.len());
+    for (name, t) in trainer.detached() {
+        assert_eq!(
+            t.flatten_all()?.to_vec1::<f32>()?,
+            before[&name].flatten_all()?.to_vec1::<f32>()?,
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+/// The kernels a model runs are a property of the model, not of the thread: both towers of a
+/// training step run side by side (rayon::join), and a tower run on another thread runs the
+/// kernels its model was built with. Generic and fused kernels round differently, so the bits
+/// tell which ran.
+#[test]
+fn both_towers_run_the_requested_kernels_on_any_thread() -> Result<()> {
+    let s = Setup::new()?;
+    let generic = Compute::cpu().with_kernels(Kernels::Generic);
+    let model = Clip::from_checkpoint(&s.ckpt, &s.cfg, &generic)?;
+    let acfg = AdapterConfig::default();
+    let (adapters, vars) =
+        HarmaAdapters::trainable(s.ckpt.extras.clone(), &s.cfg, &acfg, &generic)?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    let here = bits(&model.encode_text(&s.ids, Some(&adapters))?)?;
+    let elsewhere = std::thread::scope(|sc| {
+        sc.spawn(|| model.encode_text(&s.ids, Some(&adapters)))
+            .join()
+            .expect("the tower's thread")
+    })?;
+    assert_eq!(bits(&elsewhere)?, here, "another thread ran other kernels");
+    let fused = bits(&s.model.encode_text(&s.ids, Some(&s.adapters))?)?;
+    assert_ne!(fused, here, "the check cannot tell the kernels apart");
+    // the towers side by side (recompute runs both through rayon::join, in a pool of two
+    // threads) give the loss of the towers run one after the other on this thread
+    let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+    let (terms, _) = pool.install(|| {
+        harma_train::step::loss_and_grads(
+            &model,
+            &adapters,
+            &params,
+            (&s.pixels, &s.ids),
+            &s.image_ids,
+            &LossConfig::default(),
+            true,
+        )
+    })?;
+    let img = model.encode_image(&s.pixels, Some(&adapters))?;
+    let txt = model.encode_text(&s.ids, Some(&adapters))?;
+    let one_by_one = harma_loss(
+        &img,
+        &txt,
+        &adapters.temp,
+        &s.image_ids,
+        &LossConfig::default(),
+    )?;
+    assert_eq!(bits(&terms.total)?, bits(&one_by_one.total)?);
+    assert_ne!(bits(&terms.total)?, bits(&s.loss()?.total)?);
     Ok(())
 }
 
