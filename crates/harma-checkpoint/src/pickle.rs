@@ -60,12 +60,19 @@ impl<'a> Unpickler<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos + n > self.data.len() {
-            return Err(self.err("unexpected end of data (truncated file?)"));
-        }
-        let s = &self.data[self.pos..self.pos + n];
-        self.pos += n;
+        let end = match self.pos.checked_add(n) {
+            Some(end) if end <= self.data.len() => end,
+            _ => return Err(self.err("unexpected end of data (truncated file?)")),
+        };
+        let s = &self.data[self.pos..end];
+        self.pos = end;
         Ok(s)
+    }
+
+    /// A length argument of 8 bytes, as a `usize` (a length beyond the data fails in `take`).
+    fn len64(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        usize::try_from(n).map_err(|_| self.err(format!("length {n} out of range")))
     }
 
     fn u8(&mut self) -> Result<u8> {
@@ -208,7 +215,7 @@ impl<'a> Unpickler<'a> {
                     let n = match op {
                         b'X' => self.u32()? as usize,
                         0x8c => self.u8()? as usize,
-                        _ => self.u64()? as usize,
+                        _ => self.len64()?,
                     };
                     let s = String::from_utf8_lossy(self.take(n)?).into_owned();
                     self.push(Node::Str(s))
@@ -226,7 +233,7 @@ impl<'a> Unpickler<'a> {
                     let n = match op {
                         b'B' => self.u32()? as usize,
                         b'C' => self.u8()? as usize,
-                        _ => self.u64()? as usize,
+                        _ => self.len64()?,
                     };
                     self.take(n)?;
                     self.push(Node::Bytes)
@@ -395,10 +402,13 @@ impl<'a> Unpickler<'a> {
 struct TensorRef {
     storage_key: String,
     dtype: &'static str,
-    offset: usize,
-    size: Vec<usize>,
-    stride: Vec<usize>,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
 }
+
+/// How deep `_rebuild_parameter` wrappers may nest (PyTorch writes one).
+const MAX_WRAPPING: usize = 4;
 
 struct Graph {
     nodes: Vec<Node>,
@@ -427,11 +437,8 @@ impl Graph {
         }
     }
 
-    fn ints(&self, id: Id) -> Option<Vec<usize>> {
-        self.tuple(id)?
-            .iter()
-            .map(|&i| self.int(i).map(|v| v as usize))
-            .collect()
+    fn ints(&self, id: Id) -> Option<Vec<i64>> {
+        self.tuple(id)?.iter().map(|&i| self.int(i)).collect()
     }
 
     fn global(&self, id: Id) -> Option<(&str, &str)> {
@@ -449,14 +456,18 @@ impl Graph {
         }
     }
 
-    fn tensor(&self, id: Id) -> Option<TensorRef> {
+    /// The tensor an object rebuilds, looking through at most `depth` parameter wrappers (a
+    /// crafted pickle can make an object its own argument).
+    fn tensor(&self, id: Id, depth: usize) -> Option<TensorRef> {
         let Node::Object { callable, args, .. } = &self.nodes[id] else {
             return None;
         };
         let args = self.tuple(*args)?;
         match self.global(*callable)? {
             ("torch._utils", "_rebuild_parameter")
-            | ("torch._utils", "_rebuild_parameter_with_state") => self.tensor(*args.first()?),
+            | ("torch._utils", "_rebuild_parameter_with_state") => {
+                self.tensor(*args.first()?, depth.checked_sub(1)?)
+            }
             ("torch._tensor", "_rebuild_from_type_v2") => {
                 // (func, type, args, state): the tensor is func(*args)
                 let inner = self.tuple(*args.get(2)?)?;
@@ -488,7 +499,7 @@ impl Graph {
                 "ByteStorage" | "BoolStorage" => "u8",
                 _ => "unknown",
             },
-            offset: self.int(*args.get(1)?)? as usize,
+            offset: self.int(*args.get(1)?)?,
             size: self.ints(*args.get(2)?)?,
             stride: self.ints(*args.get(3)?)?,
         })
@@ -500,7 +511,7 @@ impl Graph {
         };
         items
             .iter()
-            .filter_map(|&(k, v)| Some((self.str(k)?.to_string(), self.tensor(v)?)))
+            .filter_map(|&(k, v)| Some((self.str(k)?.to_string(), self.tensor(v, MAX_WRAPPING)?)))
             .collect()
     }
 }
@@ -530,67 +541,175 @@ fn element(bytes: &[u8], dtype: &str, i: usize) -> f64 {
     }
 }
 
-/// Read a storage view into an f32 tensor (integer tensors become I64).
-fn materialise(bytes: &[u8], t: &TensorRef, name: &str, what: &str) -> Result<Tensor> {
-    let numel: usize = t.size.iter().product();
-    let max_index = t.offset
-        + t.size
+/// A tensor's view of its storage, checked: sizes and strides as `usize`, the element count,
+/// and the elements it reads all inside the storage of `storage_elems` elements. A view
+/// reading more elements than its storage holds (a zero stride expanding a few bytes to
+/// gigabytes) is refused: state dicts do not hold expanded tensors.
+struct View {
+    offset: usize,
+    size: Vec<usize>,
+    stride: Vec<usize>,
+    numel: usize,
+}
+
+impl View {
+    fn check(t: &TensorRef, storage_elems: usize) -> std::result::Result<Self, String> {
+        let non_neg =
+            |v: i64, what: &str| usize::try_from(v).map_err(|_| format!("negative {what} {v}"));
+        if t.size.len() != t.stride.len() {
+            return Err(format!(
+                "{} sizes but {} strides",
+                t.size.len(),
+                t.stride.len()
+            ));
+        }
+        let offset = non_neg(t.offset, "storage offset")?;
+        let size = t
+            .size
             .iter()
-            .zip(&t.stride)
-            .map(|(s, st)| s.saturating_sub(1) * st)
-            .sum::<usize>();
-    if numel > 0 && (max_index + 1) * dtype_size(t.dtype) > bytes.len() {
-        return Err(Error::Checkpoint(format!(
-            "{what}: tensor `{name}` reads past the end of its storage (truncated file?)"
-        )));
+            .map(|&v| non_neg(v, "size"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let stride = t
+            .stride
+            .iter()
+            .map(|&v| non_neg(v, "stride"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let too_big = || format!("shape {:?} is too large", t.size);
+        let numel = size
+            .iter()
+            .try_fold(1usize, |n, &s| n.checked_mul(s))
+            .ok_or_else(too_big)?;
+        if numel > 0 {
+            // the last element read: offset + sum (size - 1) * stride
+            let last = size
+                .iter()
+                .zip(&stride)
+                .try_fold(offset, |acc, (&s, &st)| {
+                    acc.checked_add((s - 1).checked_mul(st)?)
+                })
+                .ok_or_else(too_big)?;
+            if last >= storage_elems {
+                return Err(format!(
+                    "reads element {last} of a storage of {storage_elems} (truncated file?)"
+                ));
+            }
+            if numel > storage_elems {
+                return Err(format!(
+                    "shape {:?} has {numel} elements but its storage {storage_elems} (an \
+                     expanded tensor, stride 0?)",
+                    t.size
+                ));
+            }
+        }
+        Ok(Self {
+            offset,
+            size,
+            stride,
+            numel,
+        })
     }
-    let contiguous = {
-        let mut expect = 1;
+
+    fn contiguous(&self) -> bool {
+        let mut expect = 1usize;
         let mut ok = true;
-        for (s, st) in t.size.iter().zip(&t.stride).rev() {
+        for (s, st) in self.size.iter().zip(&self.stride).rev() {
             ok &= *s <= 1 || *st == expect;
-            expect *= s;
+            expect = expect.saturating_mul(*s);
         }
         ok
-    };
-    if contiguous && t.dtype == "f32" {
-        let b = &bytes[t.offset * 4..(t.offset + numel) * 4];
-        let v: Vec<f32> = b
+    }
+}
+
+/// Read a storage view into an f32 tensor (integer tensors become I64).
+fn materialise(bytes: &[u8], t: &TensorRef, name: &str, what: &str) -> Result<Tensor> {
+    let v = View::check(t, bytes.len() / dtype_size(t.dtype))
+        .map_err(|e| Error::Checkpoint(format!("{what}: tensor `{name}`: {e}")))?;
+    if v.contiguous() && t.dtype == "f32" {
+        let b = &bytes[v.offset * 4..(v.offset + v.numel) * 4];
+        let values: Vec<f32> = b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        return Ok(Tensor::from_vec(v, t.size.as_slice(), &Device::Cpu)?);
+        return Ok(Tensor::from_vec(values, v.size.as_slice(), &Device::Cpu)?);
     }
-    let mut values = Vec::with_capacity(numel);
-    let mut index = vec![0usize; t.size.len()];
-    for _ in 0..numel {
-        let off = t.offset
+    let mut values = Vec::with_capacity(v.numel);
+    let mut index = vec![0usize; v.size.len()];
+    for _ in 0..v.numel {
+        // inside the storage: every index is below its size (checked in `View::check`)
+        let off = v.offset
             + index
                 .iter()
-                .zip(&t.stride)
+                .zip(&v.stride)
                 .map(|(i, s)| i * s)
                 .sum::<usize>();
         values.push(element(bytes, t.dtype, off));
         for d in (0..index.len()).rev() {
             index[d] += 1;
-            if index[d] < t.size[d] {
+            if index[d] < v.size[d] {
                 break;
             }
             index[d] = 0;
         }
     }
     let tensor = if matches!(t.dtype, "i64" | "i32") {
-        let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();
-        Tensor::from_vec(v, t.size.as_slice(), &Device::Cpu)?
+        let values: Vec<i64> = values.iter().map(|&x| x as i64).collect();
+        Tensor::from_vec(values, v.size.as_slice(), &Device::Cpu)?
     } else {
-        let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-        Tensor::from_vec(v, t.size.as_slice(), &Device::Cpu)?
+        let values: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        Tensor::from_vec(values, v.size.as_slice(), &Device::Cpu)?
     };
     Ok(tensor)
 }
 
 /// Keys under which a training script may have wrapped the state dict.
 const WRAPPER_KEYS: &[&str] = &["state_dict", "model", "module", "model_state_dict"];
+
+/// The largest `data.pkl` read (a state dict's pickle is kilobytes: one small record per
+/// tensor; HarMA's, with its config, about 100 KB). Its interpretation takes memory in
+/// proportion, so this bounds the memory a crafted pickle can take.
+pub const MAX_PICKLE_BYTES: u64 = 8 << 20;
+
+/// How many times the elements of its storages the tensors of a file may hold together
+/// (tied weights share a storage); more is a crafted file multiplying one storage.
+const MAX_REUSE: usize = 4;
+
+/// One archive member, whole: at most `max` bytes, stored uncompressed unless `compressed_ok`,
+/// and exactly as long as the archive declares (a member that inflates beyond its declared
+/// size, or is cut short, is refused).
+fn read_entry<R: std::io::Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    name: &str,
+    max: u64,
+    compressed_ok: bool,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let fail = |e: String| Error::Checkpoint(format!("{what}: member {name}: {e}"));
+    let f = zip.by_name(name).map_err(|e| fail(e.to_string()))?;
+    if !compressed_ok && f.compression() != zip::CompressionMethod::Stored {
+        return Err(fail(format!(
+            "compressed ({}); torch.save stores tensors uncompressed: re-save the checkpoint \
+             with torch.save",
+            f.compression()
+        )));
+    }
+    let declared = f.size();
+    if declared > max {
+        return Err(fail(format!(
+            "declares {declared} bytes, more than the {max} allowed"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(declared as usize);
+    f.take(declared + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("{e} (truncated or corrupt file?)")))?;
+    if bytes.len() as u64 != declared {
+        return Err(fail(format!(
+            "holds {} bytes, the archive declares {declared}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
 
 /// Read every tensor of the state dict in a `torch.save` zip archive: the top-level dict if it
 /// holds tensors, otherwise the first of `state_dict`, `model`, `module` that does.
@@ -616,10 +735,10 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
         .ok_or_else(|| Error::Checkpoint(format!("{what}: no data.pkl in the archive")))?
         .clone();
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
-    let mut data = Vec::new();
-    zip.by_name(&pkl)
-        .and_then(|mut f| f.read_to_end(&mut data).map_err(Into::into))
-        .map_err(|e| Error::Checkpoint(format!("{what}: cannot read {pkl}: {e}")))?;
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let data = read_entry(&mut zip, &pkl, MAX_PICKLE_BYTES, true, &what)?;
 
     let mut up = Unpickler {
         data: &data,
@@ -654,23 +773,27 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
 
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = HashMap::with_capacity(refs.len());
+    // elements of the storages read so far, and of the tensors made from them
+    let (mut stored, mut made) = (0usize, 0usize);
     for (name, t) in refs {
         if t.dtype == "unknown" {
             continue;
         }
         if !storages.contains_key(&t.storage_key) {
+            // stored members: none can be larger than the file that holds them
             let entry = format!("{prefix}data/{}", t.storage_key);
-            let mut bytes = Vec::new();
-            zip.by_name(&entry)
-                .and_then(|mut f| f.read_to_end(&mut bytes).map_err(Into::into))
-                .map_err(|e| {
-                    Error::Checkpoint(format!(
-                        "{what}: cannot read storage {entry} of `{name}`: {e}"
-                    ))
-                })?;
+            let bytes = read_entry(&mut zip, &entry, file_len, false, &what)?;
+            stored += bytes.len() / dtype_size(t.dtype);
             storages.insert(t.storage_key.clone(), bytes);
         }
         let tensor = materialise(&storages[&t.storage_key], &t, &name, &what)?;
+        made += tensor.elem_count();
+        if made > MAX_REUSE.saturating_mul(stored) {
+            return Err(Error::Checkpoint(format!(
+                "{what}: its tensors hold more than {MAX_REUSE} times the elements of its \
+                 storages (at `{name}`): a storage shared by too many tensors"
+            )));
+        }
         out.insert(name, tensor);
     }
     Ok(out)

@@ -52,3 +52,92 @@ pub fn candle_pool_workers(setting: Option<&str>) -> usize {
         .unwrap_or_else(candle_core::utils::get_num_threads);
     threads.saturating_sub(1)
 }
+
+/// A global allocator that counts: the bytes live now and the most live at once since the
+/// last [`CountingAlloc::reset_peak`], over the system allocator. For tests and benchmarks
+/// that hold code to a memory budget (`#[global_allocator] static A: CountingAlloc =
+/// CountingAlloc::new();`).
+pub struct CountingAlloc {
+    live: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingAlloc {
+    pub const fn new() -> Self {
+        Self {
+            live: std::sync::atomic::AtomicUsize::new(0),
+            peak: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes allocated and not yet freed.
+    pub fn live(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the last reset.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Start a new peak from what is live now.
+    pub fn reset_peak(&self) {
+        self.peak
+            .store(self.live(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn grew(&self, by: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.live.fetch_add(by, Relaxed) + by;
+        self.peak.fetch_max(now, Relaxed);
+    }
+
+    fn shrank(&self, by: usize) {
+        self.live
+            .fetch_sub(by, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Default for CountingAlloc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator with the caller's layout and
+// pointer unchanged; the counters are atomics and never affect what is returned.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded (the caller upholds `GlobalAlloc::alloc`'s contract).
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            self.grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            self.grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded; `ptr` came from this allocator with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        self.shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: forwarded; on failure the old block stays allocated, as counted.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            self.shrank(layout.size());
+            self.grew(new);
+        }
+        p
+    }
+}
