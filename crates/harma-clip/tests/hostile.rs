@@ -155,7 +155,7 @@ fn mutate(bytes: &mut Vec<u8>, rng: &mut Rng) {
         // a span removed
         4 => {
             let i = rng.below(bytes.len());
-            let n = 1 + rng.below(64).min(bytes.len() - i - 1).max(0);
+            let n = 1 + rng.below(64).min(bytes.len() - i - 1);
             bytes.drain(i..(i + n).min(bytes.len()));
         }
         // random bytes inserted
