@@ -84,8 +84,42 @@ pub fn to_rgb8(img: DynamicImage) -> RgbImage {
     }
 }
 
+/// Pillow refuses an image of more than twice its `MAX_IMAGE_PIXELS` (89,478,485) as a
+/// decompression bomb; so do we, by default.
+pub const DEFAULT_MAX_PIXELS: u64 = 2 * 89_478_485;
+
+/// The most pixels a decoded image may have: `HARMA_MAX_IMAGE_PIXELS` if set, else
+/// [`DEFAULT_MAX_PIXELS`] (read once). A header declaring more is refused before any pixel is
+/// decoded, so a few bytes cannot ask for gigabytes.
+pub fn max_pixels() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("HARMA_MAX_IMAGE_PIXELS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_PIXELS)
+    })
+}
+
+/// Refuse a `width` x `height` image above [`max_pixels`].
+fn check_pixels(width: u64, height: u64) -> std::result::Result<(), String> {
+    let pixels = width.saturating_mul(height);
+    let limit = max_pixels();
+    if pixels > limit {
+        return Err(format!(
+            "{width}x{height} is {pixels} pixels, more than the {limit} allowed (a \
+             decompression bomb?); set HARMA_MAX_IMAGE_PIXELS to allow larger images"
+        ));
+    }
+    if pixels == 0 {
+        return Err("image has no pixels".into());
+    }
+    Ok(())
+}
+
 /// Decode an image file (tif/tiff, jpg/jpeg, png, bmp, webp; the format is read from the
-/// content) to 8-bit RGB. A missing, truncated or corrupt file names itself in the error.
+/// content) to 8-bit RGB. A missing, truncated or corrupt file, or one of more than
+/// [`max_pixels`], names itself in the error.
 pub fn load_rgb8(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
@@ -94,32 +128,138 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(&bytes).map_err(|msg| image_error(path, msg));
     }
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| image_error(path, e))?
-        .decode()
+        .into_decoder()
         .map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
-    if img.width() == 0 || img.height() == 0 {
-        return Err(image_error(path, "image has no pixels"));
-    }
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    check_pixels(w as u64, h as u64).map_err(|msg| image_error(path, msg))?;
+    let img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
     Ok(to_rgb8(img))
+}
+
+/// The bytes of a JPEG for libjpeg, noting whether the decoder asked for more than there is
+/// (a truncated file: libjpeg only warns, fills the rest with grey and goes on; Pillow
+/// refuses it as "image file is truncated", and so do we).
+struct Watched<'a> {
+    data: &'a [u8],
+    pos: usize,
+    ran_out: &'a std::cell::Cell<bool>,
+}
+
+impl std::io::Read for Watched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::io::Read::read(&mut &self.data[self.pos..], buf)?;
+        self.pos += n;
+        if n == 0 && !buf.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for Watched<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.pos >= self.data.len() {
+            self.ran_out.set(true);
+        }
+        Ok(&self.data[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.data.len());
+    }
+}
+
+/// Whether a JPEG carries Adobe's APP14 marker (before its first scan): Adobe's CMYK JPEGs
+/// store inverted ink values, and Pillow reads them so when the marker is there.
+fn adobe_marker(jpeg: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= jpeg.len() && jpeg[i] == 0xFF {
+        let marker = jpeg[i + 1];
+        if marker == 0xDA {
+            break;
+        }
+        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+        if marker == 0xEE && jpeg.get(i + 4..i + 9) == Some(b"Adobe") {
+            return true;
+        }
+        i += 2 + len;
+    }
+    false
+}
+
+/// CMYK to RGB as Pillow's `convert("RGB")` does (`cmyk2rgb` in libImaging/Convert.c:
+/// `r = k' - c k' / 255` with `k' = 255 - k`, divisions rounded as MULDIV255), reading the
+/// inks inverted for Adobe's JPEGs.
+fn cmyk_to_rgb(px: &[[u8; 4]], inverted: bool) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    px.iter()
+        .flat_map(|p| {
+            let p = if inverted { p.map(|v| 255 - v) } else { *p };
+            let nk = 255 - p[3] as u32;
+            [0, 1, 2].map(|c| (nk - muldiv255(p[c] as u32, nk).min(nk)) as u8)
+        })
+        .collect()
 }
 
 /// JPEG through libjpeg-turbo's decoder (mozjpeg), the library PIL uses, so the decoded
 /// bytes are PIL's exactly (pure-Rust decoders differ by a few levels in chroma upsampling).
+/// CMYK and YCCK JPEGs are converted as Pillow converts them.
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    use mozjpeg::ColorSpace;
+    let ran_out = std::cell::Cell::new(false);
+    let inverted = adobe_marker(bytes);
     // libjpeg reports fatal errors by unwinding; keep them inside this function
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<RgbImage> {
-        let mut d = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
-        let (width, height) = (d.width(), d.height());
-        let rows: Vec<[u8; 3]> = d.read_scanlines()?;
-        d.finish()?;
-        Ok(RgbImage {
-            width,
-            height,
-            data: rows.concat(),
-        })
-    });
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> std::result::Result<RgbImage, String> {
+            let src = Watched {
+                data: bytes,
+                pos: 0,
+                ran_out: &ran_out,
+            };
+            let d = mozjpeg::Decompress::builder()
+                .from_reader(src)
+                .map_err(|e| e.to_string())?;
+            check_pixels(d.width() as u64, d.height() as u64)?;
+            let cmyk = matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK);
+            let io = |e: std::io::Error| e.to_string();
+            let img = if cmyk {
+                let mut d = d.to_colorspace(ColorSpace::JCS_CMYK).map_err(io)?;
+                let (width, height) = (d.width(), d.height());
+                let px: Vec<[u8; 4]> = d.read_scanlines().map_err(io)?;
+                d.finish().map_err(io)?;
+                RgbImage {
+                    width,
+                    height,
+                    data: cmyk_to_rgb(&px, inverted),
+                }
+            } else {
+                let mut d = d.rgb().map_err(io)?;
+                let (width, height) = (d.width(), d.height());
+                let rows: Vec<[u8; 3]> = d.read_scanlines().map_err(io)?;
+                d.finish().map_err(io)?;
+                RgbImage {
+                    width,
+                    height,
+                    data: rows.concat(),
+                }
+            };
+            Ok(img)
+        },
+    ));
+    if ran_out.get() {
+        return Err(
+            "truncated JPEG: the file ends before the image does (an incomplete copy or \
+             download?)"
+                .into(),
+        );
+    }
     match decoded {
         Ok(Ok(img)) if img.width > 0 && img.data.len() == img.width * img.height * 3 => Ok(img),
         Ok(Ok(_)) => Err("cannot decode JPEG: truncated data".into()),

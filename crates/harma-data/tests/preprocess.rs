@@ -110,3 +110,106 @@ fn resize_of_random_noise_over_random_shapes_mostly_equals_pillow() -> anyhow::R
     assert!(exact >= 34, "only {exact} of 40 shape pairs equal Pillow's");
     Ok(())
 }
+
+fn own_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("harma-images-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A CMYK JPEG as Adobe's tools write it (inverted inks) decodes to the RGB Pillow's
+/// `convert("RGB")` makes of it (tests/fixtures/make_cmyk.py).
+#[test]
+fn cmyk_jpeg_decodes_as_pillow_converts_it() -> anyhow::Result<()> {
+    let ours = load_rgb8(&own_fixtures().join("cmyk.jpg"))?;
+    let want = image::open(own_fixtures().join("cmyk_rgb.png"))?.to_rgb8();
+    assert_eq!((ours.width, ours.height), (48, 40));
+    assert_eq!(ours.data, want.into_raw(), "every byte as Pillow's");
+    Ok(())
+}
+
+/// The JPEG's frame header with its height and width set, at its SOF0 marker.
+fn with_size(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
+    let mut b = jpeg.to_vec();
+    let sof = b
+        .windows(2)
+        .position(|m| m == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+    b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+    b
+}
+
+/// A few hundred bytes declaring 20000 x 20000 pixels (400 million, Pillow's bomb limit is
+/// 179 million) are refused from the header, before anything is decoded; so is a PNG that
+/// declares as much.
+#[test]
+fn images_declaring_too_many_pixels_are_refused_before_decoding() -> anyhow::Result<()> {
+    let small = std::fs::read(fixtures().join("rsicd_like.jpg"))?;
+    let bomb = temp_file("bomb.jpg", &with_size(&small, 20_000, 20_000));
+    let t = std::time::Instant::now();
+    let err = load_rgb8(&bomb).unwrap_err().to_string();
+    assert!(
+        err.contains("bomb.jpg")
+            && err.contains("20000x20000")
+            && err.contains("HARMA_MAX_IMAGE_PIXELS"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs_f64() < 1.0, "refused from the header");
+    // PNG: IHDR width and height at bytes 16..24, its CRC recomputed
+    let mut png = Vec::new();
+    image::RgbImage::new(4, 4)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let err = load_rgb8(&temp_file("bomb.png", &png))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bomb.png") && err.contains("100000x100000"),
+        "{err}"
+    );
+    // and images within the limit still decode
+    assert_eq!(load_rgb8(&fixtures().join("rsicd_like.jpg"))?.width, 224);
+    Ok(())
+}
+
+/// A JPEG cut short is an error naming the file (libjpeg only warns and fills the rest with
+/// grey; Pillow refuses it as truncated), wherever it is cut.
+#[test]
+fn truncated_jpegs_are_errors() -> anyhow::Result<()> {
+    let full = std::fs::read(fixtures().join("rsicd_like.jpg"))?;
+    for keep in [full.len() / 3, full.len() / 2, full.len() - 2] {
+        let p = temp_file(&format!("cut-{keep}.jpg"), &full[..keep]);
+        let err = load_rgb8(&p).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("cut-{keep}.jpg")) && err.contains("truncated"),
+            "{keep}: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// The CRC-32 of PNG chunks (ISO 3309), bit by bit.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}

@@ -696,6 +696,41 @@ mod tests {
         Ok(())
     }
 
+    /// Every number is checked, from the flags and from a file, with the setting named.
+    #[test]
+    fn non_finite_and_out_of_range_numbers_are_refused() -> Result<()> {
+        for (flag, value, named) in [
+            ("--margin", "NaN", "--margin"),
+            ("--weight-decay", "NaN", "--weight-decay"),
+            ("--lr", "inf", "--lr"),
+            ("--lr", "-1", "--lr"),
+            ("--warmup", "NaN", "--warmup"),
+            ("--warmup", "1", "--warmup"),
+            ("--max-grad-norm", "NaN", "--max-grad-norm"),
+            ("--max-grad-norm", "0", "--max-grad-norm"),
+            ("--contrastive-weight", "-inf", "--contrastive-weight"),
+            ("--triplet-weight", "NaN", "--triplet-weight"),
+            ("--eval-batch-size", "0", "--eval-batch-size"),
+            ("--batch-size", "0", "--batch-size"),
+            ("--max-words", "0", "--max-words"),
+        ] {
+            let err = resolve(&[&format!("{flag}={value}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{flag} {value}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("harma-cfg-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("nan.toml");
+        std::fs::write(&file, "margin = nan\n")?;
+        let err = resolve(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--margin") && err.contains("NaN"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+        Ok(())
+    }
+
     #[test]
     fn a_preset_sits_under_the_file_and_the_flags() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("harma-cfg-preset-{}", std::process::id()));

@@ -151,7 +151,7 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
     let model_path = out.join("model.safetensors");
     let named: Vec<(&str, &candle_core::Tensor)> =
         weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::output::write_safetensors(&model_path, &named, Default::default())?;
+    crate::output::write_safetensors(&model_path, &named, std::iter::empty::<(String, String)>())?;
     let model = Clip::new(
         candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &compute.device),
         &cfg,

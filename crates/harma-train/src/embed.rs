@@ -20,12 +20,38 @@ pub struct Args {
     /// Text file with one caption per line (empty lines are skipped)
     #[arg(long, value_name = "FILE")]
     pub captions: Option<PathBuf>,
-    /// Output safetensors file (written atomically)
+    /// Output safetensors file (written atomically); its metadata lists the image file names
+    /// as a JSON list (`image_names`), in the order of the rows
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+}
+
+/// The file names of `files` for the output's metadata (a JSON list, so that any name, a
+/// newline in it included, comes back as it was), and the indices of names that are not
+/// UTF-8: those are stored with U+FFFD in place of their bad bytes, and a warning names them.
+fn image_names(files: &[PathBuf]) -> (Vec<String>, Vec<usize>) {
+    let mut lossy = Vec::new();
+    let names = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = p.file_name().unwrap_or_default();
+            name.to_str().map(String::from).unwrap_or_else(|| {
+                eprintln!(
+                    "warning: {} is not a UTF-8 file name: stored as {:?} (its index {i} \
+                     is in the metadata's image_names_lossy)",
+                    p.display(),
+                    name.to_string_lossy()
+                );
+                lossy.push(i);
+                name.to_string_lossy().into_owned()
+            })
+        })
+        .collect();
+    (names, lossy)
 }
 
 fn report(n: usize, what: &str, start: std::time::Instant) {
@@ -67,11 +93,14 @@ pub fn run(args: &Args) -> Result<()> {
         let (t, _) = encoder.images(files, &pb)?;
         pb.finish();
         report(files.len(), "images", start);
-        let names: Vec<String> = files
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        meta.insert("image_names".to_string(), names.join("\n"));
+        let (names, lossy) = image_names(files);
+        meta.insert("image_names".to_string(), serde_json::to_string(&names)?);
+        if !lossy.is_empty() {
+            meta.insert(
+                "image_names_lossy".to_string(),
+                serde_json::to_string(&lossy)?,
+            );
+        }
         tensors.push(("image_embeds", t));
     }
     if let Some(captions) = &captions {

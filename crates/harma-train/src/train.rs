@@ -12,6 +12,7 @@
 //! each step, logs, evaluates, saves and stops as the settings say.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -344,10 +345,19 @@ impl RunState<'_> {
     }
 }
 
-/// Train with resolved settings; `resume` continues the run in `cfg.out()`.
-pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outcome> {
-    let dir = cfg.out();
-    if !resume && (StepLog::path(dir).exists() || resume::resume_path(dir).exists()) {
+/// Whether the run in `dir` can go on: with a checkpoint, `--resume` continues it and a fresh
+/// run is refused (nothing is overwritten); without one (the run stopped before its first
+/// save: killed, a NaN at step 1, a full disk), both start from step 0, keeping nothing of it.
+fn check_folder(dir: &Path, resume: bool) -> Result<bool> {
+    let stale = crate::output::remove_stale_temps(dir);
+    if stale > 0 {
+        eprintln!(
+            "removed {stale} temp files that an interrupted write left in {}",
+            dir.display()
+        );
+    }
+    let has_checkpoint = resume::resume_path(dir).exists();
+    if has_checkpoint && !resume {
         bail!(
             "{} already holds a training run; continue it with `harma train --resume {}` or \
              choose another --out",
@@ -355,6 +365,27 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             dir.display()
         );
     }
+    if !has_checkpoint && StepLog::path(dir).exists() {
+        eprintln!(
+            "{} holds a run that stopped before its first checkpoint: starting it again from \
+             step 0",
+            dir.display()
+        );
+        for f in [StepLog::path(dir), dir.join("metrics.json")] {
+            if f.exists() {
+                std::fs::remove_file(&f)
+                    .with_context(|| format!("cannot remove {}", f.display()))?;
+            }
+        }
+    }
+    Ok(resume && has_checkpoint)
+}
+
+/// Train with resolved settings; `resume` continues the run in `cfg.out()` (from step 0 if
+/// it has no checkpoint yet).
+pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outcome> {
+    let dir = cfg.out();
+    let resume = check_folder(dir, resume)?;
     // inputs first: a bad annotation fails before the model loads
     let clip = ClipConfig::preset(&cfg.model.backbone.arch)?;
     // one tokenizer: for the training captions now, for val and test later

@@ -93,8 +93,10 @@ fn embed_matches_open_clip_on_files() {
     // the image names are recorded, in file-name order
     let bytes = std::fs::read(&out).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let names = meta.metadata().as_ref().unwrap()["image_names"].clone();
-    assert!(names.starts_with("alpha.png\ngrey.png"), "{names}");
+    let names: Vec<String> =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["image_names"]).unwrap();
+    assert_eq!(names.len(), 8);
+    assert_eq!(names[..2], ["alpha.png", "grey.png"]);
     // nothing but the output is left behind
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(left.len(), 1);
@@ -230,5 +232,37 @@ fn embed_applies_adapters_from_the_checkpoint_or_a_file() {
             && err.contains("unexpected `transformer.resblocks.0.mmadapter.BiShareAdapterxx"),
         "{err}"
     );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Any file name comes back from the output's metadata as it was: a newline in a name does
+/// not shift the names after it, and a name that is not UTF-8 is flagged, not silently mangled.
+#[test]
+fn every_image_name_round_trips_or_is_flagged() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = temp_dir("names");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let png = std::fs::read(fixtures().join("images/alpha.png")).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"z\xff.png");
+    for name in [
+        std::ffi::OsStr::new("a\nb.png"),
+        std::ffi::OsStr::new("c.png"),
+        odd,
+    ] {
+        std::fs::write(images.join(name), &png).unwrap();
+    }
+    let out = dir.join("e.safetensors");
+    let o = embed_fixture_model(&out, &["--images", images.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("not a UTF-8 file name"), "{stderr}");
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let names: Vec<String> = serde_json::from_str(&meta["image_names"]).unwrap();
+    assert_eq!(names, ["a\nb.png", "c.png", "z\u{fffd}.png"]);
+    assert_eq!(meta["image_names_lossy"], "[2]");
+    assert_eq!(read(&out)[0].1, vec![3, 8]);
     std::fs::remove_dir_all(dir).ok();
 }

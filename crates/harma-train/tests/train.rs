@@ -260,6 +260,17 @@ fn resuming_equals_not_stopping() -> Result<()> {
             "{file} differs"
         );
     }
+    // byte for byte: the files of two equal runs are equal files
+    for file in [
+        "adapters.safetensors",
+        "resume.safetensors",
+        "best.safetensors",
+        "metrics.json",
+        "log.jsonl",
+    ] {
+        let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
+        assert!(read(a.out()) == read(b.out()), "{file}: other bytes");
+    }
     // the trained adapters moved away from the starting ones
     let start = harma_adapters::load_file(&fixtures().join("adapters.safetensors"))?;
     let end = harma_adapters::load_file(&a.out().join("adapters.safetensors"))?;
@@ -293,6 +304,50 @@ fn a_nan_loss_stops_and_keeps_the_last_good_checkpoint() -> Result<()> {
     for (k, t) in kept {
         let v = t.flatten_all()?.to_vec1::<f32>()?;
         assert!(v.iter().all(|x| x.is_finite()), "{k}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+/// A run that stopped before its first checkpoint (here a NaN at step 2, before the first
+/// save at the epoch's end) leaves a folder that both a fresh run and `--resume` take up again
+/// from step 0, without deleting anything by hand; temp files that interrupted writes left
+/// are removed.
+#[test]
+fn a_run_stopped_before_its_first_checkpoint_is_taken_up_again() -> Result<()> {
+    let dir = temp_dir("early");
+    let failing = |out: &str| {
+        args(&dir, out)
+            .set("--lr", 1e30)
+            .set("--weight-decay", 0.0)
+            .set("--schedule", "constant")
+            .resolve()
+    };
+    for (out, resumed_run) in [("fresh", false), ("resumed", true)] {
+        let cfg = failing(out)?;
+        let err = train(&cfg, false, &Control::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no checkpoint had been written yet"), "{err}");
+        assert!(!cfg.out().join("resume.safetensors").exists());
+        assert_eq!(log(cfg.out()).len(), 1);
+        std::fs::write(cfg.out().join(".adapters.safetensors.tmp-0"), b"half")?;
+        let again = if resumed_run {
+            resumed(cfg.out(), &["--lr", "1e-3", "--weight-decay", "0.04"])?
+        } else {
+            args(&dir, out).resolve()?
+        };
+        assert_eq!(
+            train(&again, resumed_run, &Control::default())?,
+            Outcome::Finished { steps: 5 },
+            "{out}"
+        );
+        let steps: Vec<u64> = log(cfg.out())
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5], "{out}");
+        assert!(!cfg.out().join(".adapters.safetensors.tmp-0").exists());
     }
     std::fs::remove_dir_all(dir).ok();
     Ok(())
