@@ -257,6 +257,55 @@ fn eval_rsitmd_sized(model: &Clip, batch: usize) -> Result<serde_json::Value> {
     Ok(j)
 }
 
+/// The linear layers' shapes of a ViT-B/32 block: (in, out).
+const LINEAR_SHAPES: [(usize, usize); 4] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)];
+
+/// GFLOP/s of the f32 GEMM and of every bf16 kernel this CPU has on the linear layers' shapes
+/// (`rows` rows, forward, packed weights), and the register-only peak of AVX512-BF16.
+fn kernel_gflops(rows: usize, iters: usize) -> Result<serde_json::Value> {
+    use harma_kernels::bf16_linear::Bf16Linear;
+    use harma_kernels::Bf16Kernel;
+    let values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect()
+    };
+    let mut out = serde_json::Map::new();
+    for (inp, outd) in LINEAR_SHAPES {
+        let (x, w_t) = (values(rows * inp), values(inp * outd));
+        let flops = 2.0 * (rows * inp * outd) as f64 / 1e9;
+        let per_s = |f: &dyn Fn()| rate(1, iters, || Ok(f())).map(|r| r * flops);
+        let mut row = serde_json::Map::new();
+        let f32 = per_s(&|| {
+            std::hint::black_box(harma_kernels::raw::gemm::linear_f32(
+                &x,
+                &w_t,
+                None,
+                (rows, inp, outd),
+            ));
+        })?;
+        row.insert("f32".into(), f32.into());
+        for kernel in Bf16Kernel::ALL.into_iter().filter(|k| k.available()) {
+            let lin = Bf16Linear::new(&w_t, inp, outd, None, kernel);
+            let g = per_s(&|| {
+                std::hint::black_box(lin.forward(&x, rows));
+            })?;
+            row.insert(format!("bf16 {kernel}"), g.into());
+        }
+        out.insert(format!("{inp}x{outd}"), row.into());
+    }
+    if Bf16Kernel::Avx512.available() {
+        let threads = rayon::current_num_threads();
+        let per_thread = harma_kernels::raw::avx512bf16::peak_gflops(20_000_000);
+        out.insert(
+            "avx512bf16_peak".into(),
+            serde_json::json!({"per_thread": per_thread, "threads": threads,
+                "total": per_thread * threads as f64}),
+        );
+    }
+    Ok(out.into())
+}
+
 fn matmul_gflops(device: &Device) -> Result<f64> {
     let (m, k, n) = (1600, 768, 3072);
     let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
@@ -347,6 +396,8 @@ pub fn run(args: &Args) -> Result<()> {
         },
     ];
     let mut gemm = (vec![], vec![]);
+    // PyTorch's GEMMs of the linear layers, from its last round
+    let mut torch_gemm: Option<serde_json::Value> = None;
     let mut ours: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
     let mut theirs: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
     for round in 0..rounds {
@@ -358,6 +409,7 @@ pub fn run(args: &Args) -> Result<()> {
             let j = torch_round(py, b, iters, threads)?;
             gemm.1
                 .push(j["matmul_gflops"].as_f64().context("PyTorch result")?);
+            torch_gemm = Some(j["gemm_gflops"].clone());
             for (w, th) in workloads.iter().zip(&mut theirs) {
                 th.push(j[w.torch_key].as_f64().context("PyTorch result")?);
             }
@@ -366,6 +418,55 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let gflops = median(&gemm.0);
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
+    // each kernel on the linear layers' GEMMs, beside PyTorch's f32 and bf16 matmul
+    let rows = 50 * b;
+    let kernels = kernel_gflops(rows, iters)?;
+    let names: Vec<String> = kernels[format!("{}x{}", LINEAR_SHAPES[0].0, LINEAR_SHAPES[0].1)]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    println!(
+        "GEMM GFLOP/s, {rows} rows (the linear layers of a block at batch {b}), forward, \
+         packed weights; PyTorch's x @ w.t() in f32 and bf16:"
+    );
+    println!(
+        "{:<11} {} {:>13} {:>13}",
+        "in x out",
+        names.iter().map(|n| format!("{n:>16}")).collect::<String>(),
+        "PyTorch f32",
+        "PyTorch bf16"
+    );
+    for (inp, outd) in LINEAR_SHAPES {
+        let key = format!("{inp}x{outd}");
+        let ours: String = names
+            .iter()
+            .map(|n| format!("{:>16.1}", kernels[&key][n].as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let torch = |dt: &str| {
+            torch_gemm
+                .as_ref()
+                .and_then(|t| t[format!("{key}_{dt}")].as_f64())
+                .map_or("-".to_string(), |v| format!("{v:.1}"))
+        };
+        println!(
+            "{key:<11} {ours} {:>13} {:>13}",
+            torch("f32"),
+            torch("bf16")
+        );
+    }
+    if let Some(p) = kernels.get("avx512bf16_peak") {
+        println!(
+            "AVX512-BF16 peak (VDPBF16PS on registers, no memory): {:.1} GFLOP/s ({:.1} per \
+             thread x {})",
+            p["total"].as_f64().unwrap_or(f64::NAN),
+            p["per_thread"].as_f64().unwrap_or(f64::NAN),
+            p["threads"]
+        );
+    }
+    json.insert("kernels".into(), kernels);
+    if let Some(t) = torch_gemm {
+        json.insert("pytorch_gemm".into(), t);
+    }
     // the training step, each mode in its own process (peak memory is per process), alternating
     let step_iters = if args.quick { 1 } else { 3 };
     let step_rounds = if args.quick { 1 } else { 2 };

@@ -69,38 +69,62 @@ pub enum Kernels {
     Generic,
 }
 
-/// The CPU kernel that multiplies bf16 operands (every one sums in f32 and gives the same
-/// products of bf16-rounded operands, up to f32 summation order).
+/// The CPU kernel that multiplies bf16 operands. Every one computes the same exact products
+/// of bf16-rounded operands and sums them in f32; only the order of the f32 additions
+/// differs, so results agree to f32 rounding whichever CPU ran them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Bf16Kernel {
-    /// Intel AMX tiles (`TDPBF16PS`)
+    /// Intel AMX tiles (`TDPBF16PS`): Xeon 4th generation and later
     Amx,
+    /// AVX512-BF16 (`VDPBF16PS`): AMD Zen 4 and later, Intel Cooper Lake and later
+    Avx512,
     /// The f32 GEMM on bf16-rounded operands: every CPU, at f32 speed
     F32,
 }
 
 impl Bf16Kernel {
     /// Every kernel, fastest first.
-    pub const ALL: [Bf16Kernel; 2] = [Bf16Kernel::Amx, Bf16Kernel::F32];
+    pub const ALL: [Bf16Kernel; 3] = [Bf16Kernel::Amx, Bf16Kernel::Avx512, Bf16Kernel::F32];
 
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Amx => "amx",
+            Bf16Kernel::Avx512 => "avx512bf16",
             Bf16Kernel::F32 => "f32",
         }
+    }
+
+    /// The kernel named `name` (as [`Bf16Kernel::name`] gives it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// Whether this CPU (and OS) can run the kernel.
     pub fn available(self) -> bool {
         match self {
             Bf16Kernel::Amx => crate::raw::amx::available(),
+            Bf16Kernel::Avx512 => crate::raw::avx512bf16::available(),
             Bf16Kernel::F32 => true,
         }
     }
 
-    /// The fastest kernel this machine has, unless `HARMA_AMX=0` turns AMX off. Read once,
-    /// where a [`Compute`] is made at start-up.
+    /// The fastest kernel this machine has, or the one `HARMA_BF16_KERNEL` names
+    /// (`amx`, `avx512bf16`, `f32`: for tests and A/B measurements; it must be available);
+    /// `HARMA_AMX=0` turns AMX off. Read once, where a [`Compute`] is made at start-up.
     pub fn detect() -> Self {
+        if let Ok(name) = std::env::var("HARMA_BF16_KERNEL") {
+            match Self::from_name(&name) {
+                Some(k) if k.available() => return k,
+                Some(k) => eprintln!(
+                    "warning: HARMA_BF16_KERNEL={name}: this CPU has no {k} kernel; choosing \
+                     the fastest it has"
+                ),
+                None => eprintln!(
+                    "warning: HARMA_BF16_KERNEL={name}: expected amx, avx512bf16 or f32; \
+                     choosing the fastest kernel this CPU has"
+                ),
+            }
+        }
         let amx_allowed = std::env::var("HARMA_AMX").map_or(true, |v| v != "0");
         Self::ALL
             .into_iter()
@@ -188,10 +212,15 @@ mod tests {
         let c = Compute::cpu();
         assert_eq!((c.kernels, c.precision), (Kernels::Fused, Precision::F32));
         assert!(c.bf16.available());
-        // the first available kernel in speed order, unless turned off
+        // the first available kernel in speed order, unless turned off or forced
         let first = Bf16Kernel::ALL.into_iter().find(|k| k.available()).unwrap();
-        if std::env::var("HARMA_AMX").as_deref() != Ok("0") {
+        let overridden = std::env::var_os("HARMA_BF16_KERNEL").is_some()
+            || std::env::var("HARMA_AMX").as_deref() == Ok("0");
+        if !overridden {
             assert_eq!(c.bf16, first);
+        }
+        for k in Bf16Kernel::ALL {
+            assert_eq!(Bf16Kernel::from_name(k.name()), Some(k));
         }
         assert!(Bf16Kernel::F32.available());
         assert_eq!(

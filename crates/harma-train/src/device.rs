@@ -117,8 +117,9 @@ pub struct ComputeArgs {
     pub device: DeviceArg,
     /// The frozen backbone's linear layers: f32, or bf16 (mixed precision: bf16 operands, f32
     /// sums; layer norms, attention, adapters and optimiser stay f32). bf16 runs on GPU tensor
-    /// cores and on CPUs with Intel AMX; other CPUs get the same numbers at f32 speed.
-    /// HARMA_AMX=0 turns AMX off
+    /// cores, and on CPUs with Intel AMX or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+    /// Lake and later); other CPUs compute the same products at f32 speed.
+    /// HARMA_BF16_KERNEL=amx|avx512bf16|f32 forces a CPU kernel, HARMA_AMX=0 turns AMX off
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
 }

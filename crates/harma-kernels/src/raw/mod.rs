@@ -2,6 +2,7 @@
 //! this folder or in a Candle op of `ops` that calls into it.
 
 pub mod amx;
+pub mod avx512bf16;
 pub mod bf16;
 pub mod gemm;
 pub mod ptr;
