@@ -274,7 +274,13 @@ fn kernel_gflops(rows: usize, iters: usize) -> Result<serde_json::Value> {
     for (inp, outd) in LINEAR_SHAPES {
         let (x, w_t) = (values(rows * inp), values(inp * outd));
         let flops = 2.0 * (rows * inp * outd) as f64 / 1e9;
-        let per_s = |f: &dyn Fn()| rate(1, iters, || Ok(f())).map(|r| r * flops);
+        let per_s = |f: &dyn Fn()| {
+            rate(1, iters, || {
+                f();
+                Ok(())
+            })
+            .map(|r| r * flops)
+        };
         let mut row = serde_json::Map::new();
         let f32 = per_s(&|| {
             std::hint::black_box(harma_kernels::raw::gemm::linear_f32(
