@@ -79,6 +79,21 @@ impl BatchPlan {
             .collect()
     }
 
+    /// Rank `rank`'s shard of step `k` among `world` ranks: its contiguous part of the
+    /// global batch (the global batch sequence, shuffling and augmentation streams are those
+    /// of one process, whatever the number of ranks). `world` must divide the batch.
+    pub fn shard(&self, k: usize, rank: usize, world: usize) -> Vec<(usize, Rng)> {
+        assert!(
+            world > 0 && self.batch.is_multiple_of(world) && rank < world,
+            "shard {rank} of {world} of a batch of {}",
+            self.batch
+        );
+        let per = self.batch / world;
+        let mut all = self.batch(k);
+        all.truncate((rank + 1) * per);
+        all.split_off(rank * per)
+    }
+
     /// Whether an event that comes every `every` steps (0: at each epoch end) and at the end is
     /// due after `done` steps: val (`--val-every`) and checkpoints (`--save-every`).
     pub fn due_after(&self, done: usize, every: usize) -> bool {
@@ -119,5 +134,9 @@ mod tests {
         assert!(BatchPlan::new(2, 3, Length::Steps(1), 0, true).is_none());
         assert!(BatchPlan::new(2, 0, Length::Steps(1), 0, true).is_none());
         assert!(plan.due_after(3, 0) && plan.due_after(6, 4) && !plan.due_after(4, 0));
+        // the shards of a step are its batch, split in rank order
+        let shards: Vec<(usize, Rng)> = (0..3).flat_map(|r| plan.shard(4, r, 3)).collect();
+        assert_eq!(shards, plan.batch(4));
+        assert_eq!(plan.shard(4, 1, 3), plan.batch(4)[1..2]);
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod embed;
 pub mod encode;
 pub mod eval;

@@ -15,8 +15,36 @@ use harma_adapters::HarmaAdapters;
 use harma_clip::{Clip, Tower};
 use harma_loss::{harma_loss, LossConfig, LossTerms};
 
+use crate::dist::{Collective, Single};
+
 /// The loss terms and the gradients of `params` (the adapters' variables and `temp`).
 pub fn loss_and_grads(
+    model: &Clip,
+    adapters: &HarmaAdapters,
+    params: &[Tensor],
+    inputs: (&Tensor, &Tensor),
+    image_ids: &[i64],
+    cfg: &LossConfig,
+    recompute: bool,
+) -> Result<(LossTerms, GradStore)> {
+    loss_and_grads_on(
+        model, adapters, params, inputs, image_ids, cfg, recompute, &Single,
+    )
+}
+
+/// [`loss_and_grads`] for this rank's shard of a global batch (`coll`: the ranks; one rank
+/// is [`loss_and_grads`]): the loss is over every rank's embeddings, gathered, and the
+/// returned gradients are the same on every rank: the gradients of that loss, as one process
+/// with the whole global batch would compute them, up to f32 summation order.
+///
+/// The original (`torch.distributed` with `AllGather` and DDP) averages over the ranks the
+/// gradients each rank reaches through its own rows, which is the one-process gradient
+/// divided by the number of ranks for the adapters (but not for `temp`, which every rank
+/// reaches whole through the loss). Here each rank's own-rows gradient is scaled by the
+/// number of ranks before the average, so that it is the one-process gradient exactly; AdamW
+/// is invariant to that scale but for its `eps` (docs/DISTRIBUTED.md).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grads_on(
     model: &Clip,
     adapters: &HarmaAdapters,
     params: &[Tensor],
@@ -24,14 +52,21 @@ pub fn loss_and_grads(
     image_ids: &[i64],
     cfg: &LossConfig,
     recompute: bool,
+    coll: &dyn Collective,
 ) -> Result<(LossTerms, GradStore)> {
     let keep_acts = !recompute;
     if keep_acts && !model.keeps_activations() {
         let img = model.encode_image(pixels, Some(adapters))?;
         let txt = model.encode_text(ids, Some(adapters))?;
-        let terms = harma_loss(&img, &txt, &adapters.temp, image_ids, cfg)?;
-        let grads = terms.total.backward()?;
-        return Ok((terms, grads));
+        let (terms, mut grads) = global_loss(&img, &txt, adapters, image_ids, cfg, coll)?;
+        if let Some(mut local) = grads.own_rows {
+            for p in params {
+                if let Some(g) = local.remove(p) {
+                    add_grad(&mut grads.store, p, g)?;
+                }
+            }
+        }
+        return reduce(coll, params, terms, grads.store);
     }
     // the towers are independent until the loss: run them side by side, so that one tower's
     // serial stretches (small ops, graph bookkeeping) overlap the other's parallel kernels
@@ -46,11 +81,15 @@ pub fn loss_and_grads(
     );
     let img = harma_kernels::nn::l2_normalize(&model.head(&vision, v_out.as_tensor())?)?;
     let txt = harma_kernels::nn::l2_normalize(&model.head(&text, t_out.as_tensor())?)?;
-    let terms = harma_loss(&img, &txt, &adapters.temp, image_ids, cfg)?;
-    let mut grads = terms.total.backward()?;
+    let (terms, loss_grads) = global_loss(&img, &txt, adapters, image_ids, cfg, coll)?;
+    let (mut grads, mut own_rows) = (loss_grads.store, loss_grads.own_rows);
+    // with several ranks, the last blocks' gradients come from this rank's rows' backward
     let mut tower_grad = |saved: &harma_clip::SavedTower, out: &Var| {
-        grads
-            .remove(out.as_tensor())
+        let from = match own_rows.as_mut() {
+            Some(local) => local,
+            None => &mut grads,
+        };
+        from.remove(out.as_tensor())
             .ok_or_else(|| anyhow::anyhow!("no gradient reached the {:?} tower", saved.tower))
     };
     let (g_v, g_t) = (tower_grad(&vision, &v_out)?, tower_grad(&text, &t_out)?);
@@ -61,11 +100,99 @@ pub fn loss_and_grads(
     for (p, (a, b)) in params.iter().zip(from_v?.into_iter().zip(from_t?)) {
         // a parameter shared by the towers gets both; the loss may have given it one too
         for g in [a, b].into_iter().flatten() {
-            let total = match grads.remove(p) {
-                Some(t) => (t + g)?,
-                None => g,
-            };
-            grads.insert(p, total);
+            add_grad(&mut grads, p, g)?;
+        }
+    }
+    reduce(coll, params, terms, grads)
+}
+/// The backward of the loss over the global batch.
+struct GlobalLoss {
+    /// The loss's own backward: `temp`'s gradient, and with one rank the gradients through
+    /// the embeddings' graph (the towers).
+    store: GradStore,
+    /// With several ranks: the backward, through this rank's embeddings' graph, of the loss's
+    /// gradient at this rank's rows (times the number of ranks).
+    own_rows: Option<GradStore>,
+}
+
+/// The loss of the global batch and its backward. One rank: on `img` and `txt` themselves.
+/// Several: on every rank's embeddings (and image ids) gathered, each rank backpropagating
+/// through its own embeddings the gradient at its rows, scaled by the number of ranks (so
+/// that their average is the one-process gradient; see [`loss_and_grads_on`]).
+fn global_loss(
+    img: &Tensor,
+    txt: &Tensor,
+    adapters: &HarmaAdapters,
+    image_ids: &[i64],
+    cfg: &LossConfig,
+    coll: &dyn Collective,
+) -> Result<(LossTerms, GlobalLoss)> {
+    if coll.world() == 1 {
+        let terms = harma_loss(img, txt, &adapters.temp, image_ids, cfg)?;
+        let store = terms.total.backward()?;
+        return Ok((
+            terms,
+            GlobalLoss {
+                store,
+                own_rows: None,
+            },
+        ));
+    }
+    let ids = Tensor::new(image_ids, &candle_core::Device::Cpu)?;
+    let ids_all: Vec<i64> = coll.all_gather(&ids)?.to_vec1()?;
+    let all_img = Var::from_tensor(&coll.all_gather(&img.detach())?)?;
+    let all_txt = Var::from_tensor(&coll.all_gather(&txt.detach())?)?;
+    let terms = harma_loss(
+        all_img.as_tensor(),
+        all_txt.as_tensor(),
+        &adapters.temp,
+        &ids_all,
+        cfg,
+    )?;
+    let mut store = terms.total.backward()?;
+    let (b, rank, world) = (img.dim(0)?, coll.rank(), coll.world() as f64);
+    let mut own = |all: &Var| -> Result<Tensor> {
+        let g = store
+            .remove(all.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached the gathered embeddings"))?;
+        Ok((g.narrow(0, rank * b, b)? * world)?)
+    };
+    let (g_img, g_txt) = (own(&all_img)?, own(&all_txt)?);
+    let seed = ((img * &g_img)?.sum_all()? + (txt * &g_txt)?.sum_all()?)?;
+    let own_rows = Some(seed.backward()?);
+    Ok((terms, GlobalLoss { store, own_rows }))
+}
+
+/// Add `g` to `p`'s gradient in `grads`.
+fn add_grad(grads: &mut GradStore, p: &Tensor, g: Tensor) -> Result<()> {
+    let total = match grads.remove(p) {
+        Some(t) => (t + g)?,
+        None => g,
+    };
+    grads.insert(p, total);
+    Ok(())
+}
+
+/// With several ranks, every parameter's gradient averaged over them (the same on every
+/// rank afterwards).
+fn reduce(
+    coll: &dyn Collective,
+    params: &[Tensor],
+    terms: LossTerms,
+    mut grads: GradStore,
+) -> Result<(LossTerms, GradStore)> {
+    if coll.world() > 1 {
+        let mine = params
+            .iter()
+            .map(|p| {
+                grads
+                    .get(p)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("no gradient reached a trained tensor"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (p, g) in params.iter().zip(coll.all_reduce_mean(&mine)?) {
+            grads.insert(p, g);
         }
     }
     Ok((terms, grads))

@@ -16,6 +16,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::dist::{Collective, Single};
+
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use harma_adapters::{AdapterConfig, HarmaAdapters};
@@ -256,13 +258,15 @@ fn progress(total: usize, start: usize) -> ProgressBar {
     pb
 }
 
-/// What the loop keeps between steps: the records, the progress bar, the last save.
+/// What the loop keeps between steps: the records, the progress bar, the last save. On a
+/// data-parallel run only rank 0 (the lead) records, evaluates and saves.
 struct RunState<'a> {
     cfg: &'a TrainConfig,
     plan: &'a BatchPlan,
     evaluator: Evaluator<'a>,
     record: MetricsLog,
-    log: StepLog,
+    /// The lead's log; `None` on the other ranks.
+    log: Option<StepLog>,
     pb: ProgressBar,
     last_saved: Option<usize>,
     timer: std::time::Instant,
@@ -297,7 +301,11 @@ impl RunState<'_> {
         stop: bool,
     ) -> Result<bool> {
         let (done, epoch) = (report.step, self.plan.epoch(k) + 1);
-        self.log.write(report, epoch)?;
+        let Some(log) = self.log.as_mut() else {
+            // not the lead: it logs, evaluates and saves for every rank
+            return Ok(!(stop && done < self.plan.total));
+        };
+        log.write(report, epoch)?;
         let secs = self.timer.elapsed().as_secs_f64();
         self.timer = std::time::Instant::now();
         self.pb.set_prefix(format!("epoch {epoch}"));
@@ -384,8 +392,39 @@ fn check_folder(dir: &Path, resume: bool) -> Result<bool> {
 /// Train with resolved settings; `resume` continues the run in `cfg.out()` (from step 0 if
 /// it has no checkpoint yet).
 pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outcome> {
+    train_on(cfg, resume, control, Arc::new(Single))
+}
+
+/// [`train`] as one rank of a data-parallel run (`coll`): every rank loads the data and the
+/// model and steps on its shard of each global batch; rank 0 alone writes the run's files,
+/// evaluates val and test and shows progress. A rank that fails stops the others.
+pub fn train_on(
+    cfg: &TrainConfig,
+    resume: bool,
+    control: &Control,
+    coll: Arc<dyn Collective>,
+) -> Result<Outcome> {
+    let ran = run_rank(cfg, resume, control, coll.clone());
+    if let Err(e) = &ran {
+        coll.abort(&format!("rank {} failed: {e:#}", coll.rank()));
+    }
+    ran
+}
+
+fn run_rank(
+    cfg: &TrainConfig,
+    resume: bool,
+    control: &Control,
+    coll: Arc<dyn Collective>,
+) -> Result<Outcome> {
     let dir = cfg.out();
-    let resume = check_folder(dir, resume)?;
+    let (rank, world) = (coll.rank(), coll.world());
+    let lead = rank == 0;
+    let resume = if lead {
+        check_folder(dir, resume)?
+    } else {
+        resume && resume::resume_path(dir).exists()
+    };
     // inputs first: a bad annotation fails before the model loads
     let clip = ClipConfig::preset(&cfg.model.backbone.arch)?;
     // one tokenizer: for the training captions now, for val and test later
@@ -400,26 +439,39 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     let acfg = cfg.adapters();
     let tensors = starting_adapters(cfg, in_checkpoint, &clip, &acfg, &compute)?;
     let plan = &data.plan;
-    let mut trainer = Trainer::new(model, tensors, &acfg, cfg.trainer_settings(plan.total))?;
+    if !plan.batch.is_multiple_of(world) {
+        bail!(
+            "--batch-size {} does not split over {world} ranks: give a multiple of {world}",
+            plan.batch
+        );
+    }
+    let mut trainer = Trainer::new(model, tensors, &acfg, cfg.trainer_settings(plan.total))?
+        .on_ranks(coll.clone());
 
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if lead {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let start = if resume {
         let step = resume::restore(dir, &mut trainer, plan.n_pairs)?;
-        StepLog::truncate(dir, step)?;
-        eprintln!("resuming {} after step {step}", dir.display());
+        if lead {
+            StepLog::truncate(dir, step)?;
+            eprintln!("resuming {} after step {step}", dir.display());
+        }
         step
     } else {
         0
     };
-    let record = if resume {
+    let record = if resume && lead {
         MetricsLog::read(dir, start)?
     } else {
         MetricsLog::default()
     };
-    crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    if lead {
+        crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    }
     let evaluator = Evaluator {
-        val: data.val.clone(),
-        test: data.test.clone(),
+        val: data.val.clone().filter(|_| lead),
+        test: data.test.clone().filter(|_| lead),
         tokenizer,
         acfg,
         cfg,
@@ -429,8 +481,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
         plan,
         evaluator,
         record,
-        log: StepLog::open(dir)?,
-        pb: progress(plan.total, start),
+        log: lead.then(|| StepLog::open(dir)).transpose()?,
+        pb: if lead {
+            progress(plan.total, start)
+        } else {
+            ProgressBar::hidden()
+        },
         last_saved: resume.then_some(start),
         timer: std::time::Instant::now(),
     };
@@ -441,14 +497,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             .final_test(&trainer, &mut state.record, start)?;
         return Ok(Outcome::Finished { steps: start });
     }
-    eprintln!(
-        "training {} pairs ({} images), batch {}, {} steps ({} per epoch)",
-        plan.n_pairs,
-        data.images(),
-        plan.batch,
-        plan.total,
-        plan.steps_per_epoch
-    );
+    if lead {
+        eprintln!(
+            "training {} pairs ({} images), batch {}{}, {} steps ({} per epoch)",
+            plan.n_pairs,
+            data.images(),
+            plan.batch,
+            if world > 1 {
+                format!(" over {world} ranks")
+            } else {
+                String::new()
+            },
+            plan.total,
+            plan.steps_per_epoch
+        );
+    }
     let batcher = Batcher {
         pairs: &data.pairs,
         ids: &data.ids,
@@ -460,7 +523,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     crate::pipeline::prefetch(
         start..plan.total,
         2,
-        |k| Ok(batcher.batch(&plan.batch(k))?),
+        |k| Ok(batcher.batch(&plan.shard(k, rank, world))?),
         |k, batch| {
             debug_assert_eq!(
                 k,
@@ -472,6 +535,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             let done = report.step;
             let stop = control.stop.load(Ordering::SeqCst)
                 || control.stop_after.is_some_and(|s| done >= s);
+            // every rank stops after the same step: when any rank is asked to
+            let stop = if world > 1 {
+                let flag = Tensor::new(&[stop as u8 as f32], &candle_core::Device::Cpu)?;
+                coll.all_reduce_sum(&[flag])?[0].to_vec1::<f32>()?[0] > 0.0
+            } else {
+                stop
+            };
             let go_on = state.after_step(&trainer, k, &report, pairs, stop)?;
             if !go_on {
                 outcome = Outcome::Stopped { step: done };
@@ -480,6 +550,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
         },
     )?;
     state.pb.finish();
+    if !lead {
+        return Ok(outcome);
+    }
     match &outcome {
         Outcome::Finished { steps } => {
             eprintln!(

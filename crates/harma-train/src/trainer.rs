@@ -3,6 +3,7 @@
 //! stop; a test can drive a step without it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -11,6 +12,7 @@ use harma_clip::Clip;
 use harma_data::batcher::Batch;
 use harma_loss::LossConfig;
 
+use crate::dist::{Collective, Single};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 
@@ -78,6 +80,8 @@ pub struct Trainer {
     params: Vec<Tensor>,
     opt: AdamW,
     settings: TrainerSettings,
+    /// The ranks this trainer steps with (one: [`Single`]).
+    coll: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -100,7 +104,20 @@ impl Trainer {
             params,
             opt,
             settings,
+            coll: Arc::new(Single),
         })
+    }
+
+    /// This trainer as one rank of a data-parallel run: each step takes this rank's shard of
+    /// the global batch, and every rank takes the same update (see
+    /// [`crate::step::loss_and_grads_on`]).
+    pub fn on_ranks(self, coll: Arc<dyn Collective>) -> Self {
+        Self { coll, ..self }
+    }
+
+    /// The ranks this trainer steps with.
+    pub fn collective(&self) -> &dyn Collective {
+        self.coll.as_ref()
     }
 
     /// Steps done so far.
@@ -137,9 +154,9 @@ impl Trainer {
             .collect()
     }
 
-    /// One step on `batch`: the loss and its gradients, optional clipping, and an AdamW update
-    /// at the scheduled learning rate. A non-finite loss is a [`NonFiniteLoss`] error and
-    /// changes nothing.
+    /// One step on `batch` (this rank's shard of the global batch when on several ranks): the
+    /// loss and its gradients, optional clipping, and an AdamW update at the scheduled learning
+    /// rate. A non-finite loss is a [`NonFiniteLoss`] error and changes nothing.
     pub fn step(&mut self, batch: Batch) -> Result<StepReport> {
         let k = self.opt.step;
         let b = batch.len();
@@ -151,7 +168,7 @@ impl Trainer {
         let pixels = Tensor::from_vec(batch.pixels, (b, 3, size, size), device)?;
         let tokens = Tensor::from_vec(batch.ids, (b, ctx), device)?;
         let temp = scalar(&self.adapters.temp)?;
-        let (terms, mut grads) = crate::step::loss_and_grads(
+        let (terms, mut grads) = crate::step::loss_and_grads_on(
             &self.model,
             &self.adapters,
             &self.params,
@@ -159,6 +176,7 @@ impl Trainer {
             &batch.image_ids,
             &self.settings.loss,
             self.settings.recompute,
+            self.coll.as_ref(),
         )?;
         let (loss, contrastive, triplet) = (
             scalar(&terms.total)?,

@@ -248,6 +248,102 @@ fn both_towers_run_the_requested_kernels_on_any_thread() -> Result<()> {
     Ok(())
 }
 
+/// One data-parallel step on 2 and 4 ranks (threads), each with its shard of the batch, gives
+/// the loss and the gradients of one process with the whole batch, to f32 summation order: the
+/// embeddings gathered, each rank's own rows backpropagated, the gradients averaged. Through
+/// the kept activations, recomputed blocks, and Candle's whole-graph backward (generic ops).
+#[test]
+fn sharded_steps_give_one_process_gradients() -> Result<()> {
+    use harma_train::dist::{Collective, ThreadGroup};
+    let s = Setup::new()?;
+    let params: Vec<Tensor> = s.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    for (how, generic, recompute) in [
+        ("kept", false, false),
+        ("recompute", false, true),
+        ("whole graph", true, false),
+    ] {
+        let mut model = s.model.clone();
+        let mut adapters = s.adapters.clone();
+        let mut params = params.clone();
+        let mut vars = s.vars.clone();
+        if generic {
+            let compute = Compute::cpu().with_kernels(Kernels::Generic);
+            model = Clip::from_checkpoint(&s.ckpt, &s.cfg, &compute)?;
+            let acfg = AdapterConfig::default();
+            (adapters, vars) =
+                HarmaAdapters::trainable(s.ckpt.extras.clone(), &s.cfg, &acfg, &compute)?;
+            params = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        }
+        let one = harma_train::step::loss_and_grads(
+            &model,
+            &adapters,
+            &params,
+            (&s.pixels, &s.ids),
+            &s.image_ids,
+            &LossConfig::default(),
+            recompute,
+        )?;
+        let one_loss = one.0.total.to_scalar::<f32>()?;
+        let want: Vec<Tensor> = params
+            .iter()
+            .map(|p| one.1.get(p).unwrap().clone())
+            .collect();
+        for world in [2usize, 4] {
+            let b = s.image_ids.len() / world;
+            let ranks = ThreadGroup::new(world);
+            let results: Vec<Result<(f32, Vec<Tensor>)>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = ranks
+                    .iter()
+                    .map(|rank| {
+                        let (model, adapters, params) = (&model, &adapters, &params);
+                        let s = &s;
+                        sc.spawn(move || -> Result<(f32, Vec<Tensor>)> {
+                            let r = rank.rank();
+                            let (terms, grads) = harma_train::step::loss_and_grads_on(
+                                model,
+                                adapters,
+                                params,
+                                (&s.pixels.narrow(0, r * b, b)?, &s.ids.narrow(0, r * b, b)?),
+                                &s.image_ids[r * b..(r + 1) * b],
+                                &LossConfig::default(),
+                                recompute,
+                                rank,
+                            )?;
+                            let g = params
+                                .iter()
+                                .map(|p| grads.get(p).unwrap().clone())
+                                .collect();
+                            Ok((terms.total.to_scalar::<f32>()?, g))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, res) in results.into_iter().enumerate() {
+                let (loss, got) = res?;
+                let names = vars.iter().map(|(n, _)| n.as_str());
+                let agree = GradAgreement::measure(
+                    names
+                        .zip(got.iter().zip(&want))
+                        .map(|(n, (g, w))| (n, g, w)),
+                )?;
+                let rel = ((loss - one_loss) / one_loss).abs();
+                eprintln!(
+                    "{how}, {world} ranks, rank {r}: loss {rel:.1e}, gradients {:.1e} of their \
+                     norm (lowest cosine 1 - {:.1e})",
+                    agree.rel_err,
+                    1.0 - agree.worst_cosine
+                );
+                assert!(
+                    rel <= 1e-6 && agree.rel_err <= 1e-6,
+                    "{how} {world}: {rel} {agree:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mixed precision: with the backbone's linear layers in bf16, every adapter tensor still gets
 /// its gradient, pointing where the original's f32 gradient points (grads.safetensors).
 #[test]
