@@ -305,3 +305,23 @@ pub fn load_evaluation(path: &Path, opts: &LoadOptions) -> Result<EvalSet> {
     }
     Ok(set)
 }
+
+/// The `image` field of every entry of HarMA's train or val/test JSON (both formats name it
+/// so), in entry order with repeats, without reading the images or the captions: what a
+/// download tool needs to know which images a split uses. An entry without a string `image`
+/// is an error naming the file and the entry.
+pub fn image_names(path: &Path) -> Result<Vec<String>> {
+    read_json_list(path)?
+        .iter()
+        .enumerate()
+        .map(|(k, e)| {
+            field(e, "image")
+                .and_then(|v| {
+                    v.as_str()
+                        .ok_or_else(|| "`image` is not a string".to_string())
+                })
+                .map(str::to_string)
+                .map_err(|msg| data_error(path, format!("entry {k}: {msg}")))
+        })
+        .collect()
+}

@@ -181,3 +181,48 @@ fn user_pairs_as_an_evaluation_split_group_by_image() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn image_names_lists_both_formats_without_checking_images_or_captions() {
+    use harma_data::annotations::image_names;
+    let dir = temp_dir("names");
+    let train = write(
+        &dir,
+        "train.json",
+        r#"[{"caption": "", "image": "train/a.tif", "image_id": 0},
+            {"caption": "b", "image": "train/a.tif", "image_id": 0},
+            {"caption": "c", "image": "../x.tif", "image_id": 1}]"#,
+    );
+    // empty captions and names that point anywhere are listed as they are: judging them is
+    // the caller's business
+    assert_eq!(
+        image_names(&train).unwrap(),
+        ["train/a.tif", "train/a.tif", "../x.tif"]
+    );
+    let real =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/annotations/rsitmd_test.json");
+    let names = image_names(&real).unwrap();
+    let set = load_eval_json(&real, &LoadOptions::default()).unwrap();
+    assert_eq!(names.len(), 452);
+    assert!(names
+        .iter()
+        .zip(&set.images)
+        .all(|(n, p)| Path::new(n) == p));
+    for (text, want) in [
+        (
+            r#"[{"image": "a.tif"}, {"caption": ["x"]}]"#,
+            "entry 1: missing field `image`",
+        ),
+        (r#"[{"image": 3}]"#, "entry 0: `image` is not a string"),
+        (r#"{"image": "a.tif"}"#, "expected a JSON list"),
+        ("[{", "not valid JSON"),
+    ] {
+        let p = write(&dir, "bad.json", text);
+        let err = image_names(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.json") && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
