@@ -1,7 +1,7 @@
 //! `cargo xtask build-cuda`: CUDA builds of `harma` and `xtask` (for `xtask gpu-check`) on a
 //! machine with no GPU and no CUDA toolkit (docs/CUDA.md).
 //!
-//! 1. The CUDA 13.0 compiler, headers and libraries come from PyPI's `nvidia-*` wheels,
+//! 1. The CUDA 13.0 compiler, headers and libraries (and NCCL) come from PyPI's `nvidia-*` wheels,
 //!    installed with `pip --target` under `target/cuda-toolkit/site` (once; pinned versions).
 //! 2. `target/cuda-toolkit/root` is laid out as a toolkit (`bin`, `include`, `nvvm`, `lib64`
 //!    with unversioned library names) and serves as `CUDA_ROOT`.
@@ -44,6 +44,8 @@ const PACKAGES: &[&str] = &[
     "nvidia-cublas==13.0.2.14",
     "nvidia-curand==10.4.5.25",
     "nvidia-cuda-nvrtc==13.0.88",
+    // data-parallel training (harma-train's cuda feature enables Candle's nccl)
+    "nvidia-nccl-cu13==2.28.9",
 ];
 const CUDARC_CUDA_VERSION: &str = "13000";
 const TOOLKIT: &str = "target/cuda-toolkit";
@@ -200,12 +202,15 @@ fn lay_out_root(cu: &Path, root: &Path) -> Result<()> {
     for dir in ["bin", "include", "nvvm"] {
         replace_link(&cu.join(dir), &root.join(dir))?;
     }
-    for entry in std::fs::read_dir(cu.join("lib"))? {
-        let path = entry?.path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if let Some(pos) = name.find(".so.") {
-            replace_link(&path, &root.join("lib64").join(&name))?;
-            replace_link(&path, &root.join("lib64").join(&name[..pos + 3]))?;
+    // CUDA's own libraries, and NCCL's (its wheel installs beside cu13)
+    for lib in [cu.join("lib"), cu.join("../nccl/lib")] {
+        for entry in std::fs::read_dir(&lib)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if let Some(pos) = name.find(".so.") {
+                replace_link(&path, &root.join("lib64").join(&name))?;
+                replace_link(&path, &root.join("lib64").join(&name[..pos + 3]))?;
+            }
         }
     }
     Ok(())

@@ -283,6 +283,8 @@ pub struct TrainArgs {
     pub data_dir: Option<PathBuf>,
     /// The settings given on the command line, typed, as a table of just those keys.
     pub flags: toml::Table,
+    /// How to start a data-parallel run (`--nproc`, `--nnodes`, `--node-rank`, `--master`).
+    pub launch: crate::dist::launch::LaunchArgs,
 }
 
 impl TrainArgs {
@@ -328,6 +330,50 @@ impl clap::Args for TrainArgs {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("Where the dataset presets look [default: data]"),
         )
+        .arg(
+            clap::Arg::new("nproc")
+                .long("nproc")
+                .value_name("N")
+                .value_parser(clap::value_parser!(usize))
+                .help_heading("Data-parallel training (docs/DISTRIBUTED.md)")
+                .help(
+                    "Train on N processes of this machine, one per GPU (GPU i of those \
+                     visible; NCCL), or on CPU ranks with --device cpu; --batch-size is the \
+                     global batch, split over all ranks",
+                ),
+        )
+        .arg(
+            clap::Arg::new("nnodes")
+                .long("nnodes")
+                .value_name("M")
+                .value_parser(clap::value_parser!(usize))
+                .default_value("1")
+                .requires("nproc")
+                .help_heading("Data-parallel training (docs/DISTRIBUTED.md)")
+                .help("Machines in the run, each started with the same flags and its --node-rank"),
+        )
+        .arg(
+            clap::Arg::new("node_rank")
+                .long("node-rank")
+                .value_name("R")
+                .value_parser(clap::value_parser!(usize))
+                .default_value("0")
+                .requires("nproc")
+                .help_heading("Data-parallel training (docs/DISTRIBUTED.md)")
+                .help("This machine's index among --nnodes (node 0 hosts rank 0)"),
+        )
+        .arg(
+            clap::Arg::new("master")
+                .long("master")
+                .value_name("HOST:PORT")
+                .requires("nproc")
+                .help_heading("Data-parallel training (docs/DISTRIBUTED.md)")
+                .help(
+                    "Where rank 0 meets the others (node 0's address and a free port); \
+                     needed with --nnodes > 1. Workers started by other launchers read \
+                     WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT instead",
+                ),
+        )
     }
 
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
@@ -349,6 +395,12 @@ impl clap::FromArgMatches for TrainArgs {
             resume: m.get_one::<PathBuf>("resume").cloned(),
             data_dir: m.get_one::<PathBuf>("data_dir").cloned(),
             flags,
+            launch: crate::dist::launch::LaunchArgs {
+                nproc: m.get_one::<usize>("nproc").copied(),
+                nnodes: m.get_one::<usize>("nnodes").copied().unwrap_or(1),
+                node_rank: m.get_one::<usize>("node_rank").copied().unwrap_or(0),
+                master: m.get_one::<String>("master").cloned(),
+            },
         })
     }
 

@@ -571,9 +571,20 @@ fn run_rank(
     Ok(outcome)
 }
 
-/// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop.
+/// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop; with
+/// `--nproc`, the launcher of a data-parallel run, and in a process that the environment
+/// names a rank (`WORLD_SIZE`, `RANK`, ...), that rank.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::resolve(args)?;
+    use crate::dist::launch::{self, Role};
+    let role = Role::from_env()?;
+    if args.launch.nproc.is_some() && role.is_none() {
+        let argv: Vec<std::ffi::OsString> = std::env::args_os()
+            .skip_while(|a| a != "train")
+            .skip(1)
+            .collect();
+        return launch::launch(&args.launch, &launch::worker_args(&argv));
+    }
+    let mut cfg = TrainConfig::resolve(args)?;
     let control = Control::default();
     let stop = control.stop.clone();
     ctrlc::set_handler(move || {
@@ -584,6 +595,23 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("\ninterrupt: finishing this step and saving (Ctrl-C again to quit now)");
     })
     .context("cannot install the Ctrl-C handler")?;
-    train(&cfg, args.resume.is_some(), &control)?;
+    let coll: Arc<dyn Collective> = match &role {
+        None => Arc::new(Single),
+        Some(role) => {
+            if role.launched {
+                // the launcher asks to stop by a line on stdin
+                let stop = control.stop.clone();
+                std::thread::spawn(move || {
+                    for line in std::io::stdin().lines() {
+                        if line.is_ok_and(|l| l.trim() == "stop") {
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+            crate::dist::connect(role, &mut cfg)?
+        }
+    };
+    train_on(&cfg, args.resume.is_some(), &control, coll)?;
     Ok(())
 }

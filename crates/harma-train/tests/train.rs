@@ -747,3 +747,86 @@ fn ranks_on_threads_train_as_one_process() -> Result<()> {
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
+
+/// `harma train --nproc 2 --device cpu`: the launcher starts two worker processes that meet
+/// over TCP and train as one process would (within the bounds above); Ctrl-C on the launcher
+/// stops both after the same step with one checkpoint, which resumes; a worker that fails
+/// brings the other down and the launcher names it, without hanging.
+#[test]
+fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> {
+    let dir = temp_dir("launch");
+    let one = args(&dir, "one").resolve()?;
+    train(&one, false, &Control::default())?;
+    let launched = |a: &Flags| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harma"));
+        cmd.arg("train")
+            .args(a.argv())
+            .args(["--nproc", "2", "--device", "cpu"]);
+        cmd
+    };
+    let a = args(&dir, "two");
+    let out = launched(&a).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (adapters, loss) = run_difference(&dir.join("two"), one.out());
+    eprintln!("2 processes vs one: adapters {adapters:.1e}, losses {loss:.1e}");
+    assert!(adapters <= 1e-5 && loss <= 1e-6, "{adapters} {loss}");
+
+    // Ctrl-C on the launcher: both ranks stop after the same step, rank 0 saves once
+    let long = args(&dir, "stopped").set("--steps", 100_000);
+    let child = launched(&long)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let run = dir.join("stopped");
+    let started = std::time::Instant::now();
+    while !run.join("log.jsonl").exists() || log(&run).len() < 2 {
+        assert!(started.elapsed().as_secs() < 120, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let steps = log(&run).len();
+    let bytes = std::fs::read(run.join("resume.safetensors"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    assert_eq!(
+        header.metadata().as_ref().unwrap()["step"],
+        steps.to_string()
+    );
+    let more = launched(&Flags::default())
+        .args([
+            "--resume",
+            run.to_str().unwrap(),
+            "--steps",
+            &(steps + 1).to_string(),
+        ])
+        .output()?;
+    assert!(
+        more.status.success(),
+        "{}",
+        String::from_utf8_lossy(&more.stderr)
+    );
+    assert_eq!(log(&run).len(), steps + 1);
+
+    // a rank that fails: the launcher stops the other and names it
+    let broken = args(&dir, "broken");
+    std::fs::write(dir.join("images/green.png"), b"\x89PNG\r\n\x1a\n not a png")?;
+    let t = std::time::Instant::now();
+    let out = launched(&broken).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("green.png") && stderr.contains("failed") && stderr.contains("rank"),
+        "{stderr}"
+    );
+    assert!(t.elapsed().as_secs() < 120, "the run came down quickly");
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
