@@ -17,6 +17,8 @@
 #                 [python3, if it imports both]
 #   HARMA_REPO    a checkout of seekerhuang/HarMA: the original's training step too
 #   WHEELS        a folder of wheels to install first (open_clip_torch, ftfy, wcwidth) [.whl]
+#   HARMA         the CUDA harma binary, or HARMA.gz, for the data-parallel check (xtask
+#                 dist-check: every GPU against one process)   [target/cuda-dist/harma]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 XTASK=${XTASK:-target/cuda-dist/xtask}
@@ -69,4 +71,20 @@ if [ "$TORCH_PYTHON" != none ]; then
     if [ -n "${HARMA_REPO:-}" ]; then args+=(--harma-repo "$HARMA_REPO"); fi
 fi
 say "$XTASK ${args[*]}"
-"$XTASK" "${args[@]}" 2>&1 | tee -a "$log"
+status=0
+"$XTASK" "${args[@]}" 2>&1 | tee -a "$log" || status=$?
+
+# data-parallel training on every GPU against one process (docs/DISTRIBUTED.md)
+HARMA=${HARMA:-target/cuda-dist/harma}
+if [ ! -x "$HARMA" ] && [ -f "$HARMA.gz" ]; then
+    gunzip -c "$HARMA.gz" >/tmp/harma-bin && chmod +x /tmp/harma-bin
+    HARMA=/tmp/harma-bin
+fi
+if [ "$DEVICE" != cpu ] && [ -x "$HARMA" ]; then
+    say "$XTASK dist-check --harma $HARMA"
+    "$XTASK" dist-check --harma "$HARMA" --dir /tmp/harma-dist-check \
+        --json "$REPORT_DIR/gpu-dist-check.json" 2>&1 | tee -a "$log" || status=$?
+elif [ "$DEVICE" != cpu ]; then
+    say "no $HARMA(.gz): the data-parallel check is skipped (cargo xtask build-cuda writes it)"
+fi
+exit $status

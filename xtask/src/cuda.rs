@@ -109,14 +109,16 @@ pub fn run(args: &Args) -> Result<()> {
         let size = std::fs::metadata(&to)?.len() as f64 / 1e6;
         eprintln!("wrote {} ({size:.0} MB)", to.display());
     }
-    // xtask gzipped, to carry to a GPU machine with a size limit (scripts/gpu-check.sh unpacks it)
-    let gz = args.out.join("xtask.gz");
-    gzip(&args.out.join("xtask"), &gz)?;
-    eprintln!(
-        "wrote {} ({:.0} MB)",
-        gz.display(),
-        std::fs::metadata(&gz)?.len() as f64 / 1e6
-    );
+    // gzipped, to carry to a GPU machine with a size limit (scripts/gpu-check.sh unpacks them)
+    for bin in ["xtask", "harma"] {
+        let gz = args.out.join(format!("{bin}.gz"));
+        gzip(&args.out.join(bin), &gz)?;
+        eprintln!(
+            "wrote {} ({:.0} MB)",
+            gz.display(),
+            std::fs::metadata(&gz)?.len() as f64 / 1e6
+        );
+    }
     let needed = needed_libraries(&args.out.join("harma"));
     println!(
         "CUDA binaries for compute capability {} in {}.\n\

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cuda;
+mod distcheck;
 mod fetch;
 mod gpucheck;
 mod workloads;
@@ -33,6 +34,9 @@ enum Command {
     BuildCuda(cuda::Args),
     /// On a GPU: parity with the CPU, throughput and memory, PyTorch beside us (docs/CUDA.md)
     GpuCheck(gpucheck::Args),
+    /// Data-parallel training on every GPU (or CPU ranks) against one process
+    /// (docs/DISTRIBUTED.md)
+    DistCheck(distcheck::Args),
     /// One training-step measurement in this process (run by `bench`, one process per mode)
     #[command(hide = true)]
     BenchStep(bench::StepArgs),
@@ -78,6 +82,7 @@ fn main() {
         Command::FetchData(args) => fetch::run(&args),
         Command::BuildCuda(args) => cuda::run(&args),
         Command::GpuCheck(args) => gpucheck::run(&args),
+        Command::DistCheck(args) => distcheck::run(&args),
         Command::GpuStep(args) => gpucheck::run_step(&args),
     };
     if let Err(e) = result {

@@ -76,3 +76,44 @@ fn gpu_check_names_what_is_wrong() {
         assert!(!o.status.success() && err.contains("CUDA"), "{err}");
     }
 }
+
+/// `xtask dist-check` as scripts/gpu-check.sh runs it on a GPU machine, here with two CPU
+/// ranks (the launcher, the rendezvous, the collective) and the harma binary beside xtask.
+#[test]
+fn dist_check_compares_ranks_with_one_process() {
+    let harma = std::path::Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("harma");
+    assert!(
+        harma.is_file(),
+        "{} missing: `cargo test --workspace` builds it (or cargo build -p harma-train)",
+        harma.display()
+    );
+    let dir = std::env::temp_dir().join(format!("harma-dist-check-{}", std::process::id()));
+    let json = dir.join("report.json");
+    let o = xtask(&[
+        "dist-check",
+        "--harma",
+        harma.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--dir",
+        dir.join("work").to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (r["ranks"].as_u64(), r["pass"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert!(r["loss_rel_diff"].as_f64().unwrap() <= 1e-6, "{r}");
+    assert!(r["adapters_rel_diff"].as_f64().unwrap() <= 1e-5, "{r}");
+    std::fs::remove_dir_all(dir).ok();
+}

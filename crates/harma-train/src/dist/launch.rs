@@ -63,7 +63,10 @@ impl Role {
         let Some(world) = num("WORLD_SIZE")? else {
             return Ok(None);
         };
-        if world <= 1 {
+        let launched = get("HARMA_LAUNCHED").is_some();
+        // a world of one is a single process, unless our launcher made it (`--nproc 1`: the
+        // collective is set up and checked all the same, as on a machine with one GPU)
+        if world == 0 || (world == 1 && !launched) {
             return Ok(None);
         }
         let rank = num("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
@@ -78,7 +81,7 @@ impl Role {
             world,
             local_rank,
             master: format!("{addr}:{port}"),
-            launched: get("HARMA_LAUNCHED").is_some(),
+            launched,
         }))
     }
 }

@@ -95,7 +95,9 @@ pub fn connect(
         #[cfg(feature = "cuda")]
         {
             let device = cfg.compute.compute()?.device;
-            return Ok(std::sync::Arc::new(Nccl::connect(role, &device)?));
+            let nccl = Nccl::connect(role, &device)?;
+            check(&nccl, &device)?;
+            return Ok(std::sync::Arc::new(nccl));
         }
         #[cfg(not(feature = "cuda"))]
         anyhow::bail!(
@@ -117,7 +119,26 @@ pub fn connect(
             role.world, role.master
         );
     }
-    Ok(std::sync::Arc::new(Tcp::new(rdv)))
+    let tcp = Tcp::new(rdv);
+    check(&tcp, &candle_core::Device::Cpu)?;
+    Ok(std::sync::Arc::new(tcp))
+}
+
+/// A first exchange, before any work: every rank gathers the ranks and sums ones, on
+/// `device`; a rank that disagrees (another world, another build) fails here, by name.
+fn check(coll: &dyn Collective, device: &candle_core::Device) -> Result<()> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let ranks = coll.all_gather(&Tensor::new(&[rank as f32], device)?)?;
+    let ones = coll.all_reduce_sum(&[Tensor::new(&[1f32], device)?])?;
+    let want: Vec<f32> = (0..world).map(|r| r as f32).collect();
+    let (got, n) = (ranks.to_vec1::<f32>()?, ones[0].to_vec1::<f32>()?);
+    if got != want || n != [world as f32] {
+        anyhow::bail!(
+            "rank {rank}: the ranks' first exchange gave {got:?} and {n:?}, expected {want:?} \
+             and [{world}]"
+        );
+    }
+    Ok(())
 }
 
 /// Every rank's tensors (by rank) concatenated along the first dimension: the result of an
