@@ -31,7 +31,8 @@ use crate::config::{AugmentKind, ScheduleKind, TrainArgs, TrainConfig};
 use crate::encode::Encoder;
 use crate::eval::EvalOptions;
 use crate::optim::AdamWConfig;
-use crate::record::{MetricsLog, StepLog, TestEntry, ValEntry};
+use crate::record::{MetricsLog, StartEntry, StepLog, TestEntry, ValEntry};
+use crate::report::{Examples, Phase, Recorder};
 use crate::resume;
 use crate::schedule::Schedule;
 use crate::trainer::{NonFiniteLoss, StepReport, Trainer, TrainerSettings};
@@ -191,6 +192,16 @@ impl Evaluator<'_> {
         tensors: HashMap<String, Tensor>,
         split: &EvalSet,
     ) -> Result<RetrievalMetrics> {
+        Ok(self.run_scores(model, tensors, split)?.0)
+    }
+
+    /// [`Evaluator::run`], with the score matrix.
+    fn run_scores(
+        &self,
+        model: &Clip,
+        tensors: HashMap<String, Tensor>,
+        split: &EvalSet,
+    ) -> Result<(RetrievalMetrics, Vec<f32>)> {
         let adapters =
             HarmaAdapters::from_tensors(tensors, &model.config, &self.acfg, &model.compute)?;
         let encoder = Encoder {
@@ -202,8 +213,29 @@ impl Evaluator<'_> {
             image_root: self.cfg.image_root(),
             progress: false,
         };
-        let (m, _) = crate::eval::evaluate_split(&encoder, &self.tokenizer, split, &opts)?;
-        Ok(m)
+        let (m, _, scores) =
+            crate::eval::evaluate_split_scores(&encoder, &self.tokenizer, split, &opts)?;
+        Ok((m, scores))
+    }
+
+    /// Evaluate val and test with the starting adapters (before the first step) and record
+    /// them: the zero-shot baseline when the adapters are fresh.
+    fn zero_shot(&self, trainer: &Trainer, record: &mut MetricsLog) -> Result<()> {
+        let mut start = StartEntry::default();
+        for (split, slot) in [(&self.val, &mut start.val), (&self.test, &mut start.test)] {
+            if let Some(set) = split {
+                *slot = Some(self.run(trainer.model(), trainer.detached(), set)?);
+            }
+        }
+        let show =
+            |m: &Option<RetrievalMetrics>| m.map_or("-".into(), |m| format!("{:.2}", m.r_mean));
+        eprintln!(
+            "step 0 (before training): val mR {}, test mR {}",
+            show(&start.val),
+            show(&start.test)
+        );
+        record.start = Some(start);
+        record.write(self.cfg.out())
     }
 
     /// Evaluate test once, with the best adapters by val (or the last without val); print
@@ -233,7 +265,11 @@ impl Evaluator<'_> {
             None => ("adapters.safetensors", steps, trainer.detached()),
         };
         eprintln!("evaluating test with {file} (step {step})");
-        let m = self.run(trainer.model(), tensors, test)?;
+        let (m, scores) = self.run_scores(trainer.model(), tensors, test)?;
+        let title = format!("test split, {file} (step {step})");
+        let image_root = self.cfg.image_root();
+        let counts = crate::report::examples::Counts::default();
+        Examples::new(&title, test, &scores, image_root, self.cfg.run.seed, counts)?.write(dir)?;
         println!("test ({file}, step {step}):\n{}", crate::eval::table(&m));
         record.test = Some(TestEntry {
             adapters: file.to_string(),
@@ -265,6 +301,8 @@ struct RunState<'a> {
     pb: ProgressBar,
     last_saved: Option<usize>,
     timer: std::time::Instant,
+    /// run.json and the report
+    report: Recorder,
 }
 
 impl RunState<'_> {
@@ -296,6 +334,7 @@ impl RunState<'_> {
         stop: bool,
     ) -> Result<bool> {
         let (done, epoch) = (report.step, self.plan.epoch(k) + 1);
+        self.report.step(done, pairs);
         self.log.write(report, epoch)?;
         let secs = self.timer.elapsed().as_secs_f64();
         self.timer = std::time::Instant::now();
@@ -319,6 +358,7 @@ impl RunState<'_> {
                     epoch,
                     metrics: m,
                 };
+                self.report.lap(Phase::Val);
                 let improved = self.record.add_val(entry);
                 if improved {
                     resume::save_best(dir, trainer, done, self.cfg)?;
@@ -334,11 +374,13 @@ impl RunState<'_> {
                         if improved { ", best so far" } else { "" }
                     )
                 });
+                self.report.refresh(dir);
             }
         }
         if stop || self.plan.due_after(done, self.cfg.run.save_every) {
             resume::save(dir, trainer, done, self.plan.n_pairs, self.cfg)?;
             self.last_saved = Some(done);
+            self.report.refresh(dir);
         }
         Ok(!(stop && done < self.plan.total))
     }
@@ -346,6 +388,7 @@ impl RunState<'_> {
 
 /// Train with resolved settings; `resume` continues the run in `cfg.out()`.
 pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outcome> {
+    let since = std::time::Instant::now();
     let dir = cfg.out();
     if !resume && (StepLog::path(dir).exists() || resume::resume_path(dir).exists()) {
         bail!(
@@ -367,6 +410,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     let (clip, model, in_checkpoint) =
         crate::model::load_backbone(cfg.init(), &cfg.model.backbone.arch, &compute)?;
     let acfg = cfg.adapters();
+    let fresh = cfg.model.backbone.adapters.is_none() && in_checkpoint.is_empty();
     let tensors = starting_adapters(cfg, in_checkpoint, &clip, &acfg, &compute)?;
     let plan = &data.plan;
     let mut trainer = Trainer::new(model, tensors, &acfg, cfg.trainer_settings(plan.total))?;
@@ -386,6 +430,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
         MetricsLog::default()
     };
     crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let report = Recorder::start(cfg, &data, &compute, start, fresh, since)?;
     let evaluator = Evaluator {
         val: data.val.clone(),
         test: data.test.clone(),
@@ -402,12 +447,20 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
         pb: progress(plan.total, start),
         last_saved: resume.then_some(start),
         timer: std::time::Instant::now(),
+        report,
     };
+    if start == 0 && cfg.run.zero_shot && state.record.start.is_none() {
+        state.evaluator.zero_shot(&trainer, &mut state.record)?;
+        state.report.lap(Phase::ZeroShot);
+        state.report.refresh(dir);
+    }
     if start >= plan.total {
         eprintln!("the run already has {start} of {} steps", plan.total);
         state
             .evaluator
             .final_test(&trainer, &mut state.record, start)?;
+        state.report.lap(Phase::Test);
+        state.report.refresh(dir);
         return Ok(Outcome::Finished { steps: start });
     }
     eprintln!(
@@ -458,6 +511,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
             state
                 .evaluator
                 .final_test(&trainer, &mut state.record, *steps)?;
+            state.report.lap(Phase::Test);
+            state.report.refresh(dir);
+            eprintln!("report: {}", dir.join("report.html").display());
         }
         Outcome::Stopped { step } => eprintln!(
             "stopped after step {step}; continue with `harma train --resume {}`",
@@ -467,9 +523,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, control: &Control) -> Result<Outco
     Ok(outcome)
 }
 
-/// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop.
-pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::resolve(args)?;
+/// A [`Control`] whose stop Ctrl-C sets (a second Ctrl-C exits at once).
+pub fn interruptible() -> Result<Control> {
     let control = Control::default();
     let stop = control.stop.clone();
     ctrlc::set_handler(move || {
@@ -480,6 +535,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("\ninterrupt: finishing this step and saving (Ctrl-C again to quit now)");
     })
     .context("cannot install the Ctrl-C handler")?;
-    train(&cfg, args.resume.is_some(), &control)?;
+    Ok(control)
+}
+
+/// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = TrainConfig::resolve(args)?;
+    train(&cfg, args.resume.is_some(), &interruptible()?)?;
     Ok(())
 }
