@@ -440,7 +440,7 @@ fn annotated_images(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn fetch_dataset(name: &str, src: &DatasetSource, data: &Path) -> Result<()> {
+pub fn fetch_dataset(name: &str, src: &DatasetSource, data: &Path) -> Result<()> {
     let dir = data.join(name);
     let marker = dir.join(".complete");
     if marker.exists() {
@@ -535,7 +535,7 @@ fn fetch_dataset(name: &str, src: &DatasetSource, data: &Path) -> Result<()> {
     Ok(())
 }
 
-fn fetch_model(name: &str, src: &ModelSource, data: &Path) -> Result<()> {
+pub fn fetch_model(name: &str, src: &ModelSource, data: &Path) -> Result<()> {
     if let Some(hf) = &src.hf {
         let dest = data.join(&src.dest);
         if dest.exists() {
