@@ -253,6 +253,9 @@ fn shown(p: &Path, base: &Path) -> String {
     for c in &a[common..] {
         rel.push(c);
     }
+    if rel.as_os_str().is_empty() {
+        return ".".to_string();
+    }
     rel.display().to_string()
 }
 
@@ -335,6 +338,7 @@ mod tests {
             "../data/t.json"
         );
         assert_eq!(shown(Path::new("/home/u/runs/demo/run/x"), base), "x");
+        assert_eq!(shown(base, base), ".");
         assert_eq!(
             shown(Path::new("/home/u/data/r/t.json"), base),
             "../../../data/r/t.json"
