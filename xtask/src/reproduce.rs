@@ -111,6 +111,7 @@ impl Backbone {
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The dataset (fetched into --data-dir as docs/DATA.md lays out)
     #[arg(long, value_enum, default_value_t = Dataset::Rsitmd)]
     dataset: Dataset,
     /// The CLIP to start from
@@ -557,6 +558,8 @@ mod tests {
             (k.as_str(), v),
             ("eval_batch_size", toml::Value::Integer(8))
         );
+        let (k, v) = parse_set("device=cuda").unwrap();
+        assert_eq!((k.as_str(), v.as_str()), ("device", Some("cuda")));
         let err = parse_set("batch_sise=4").unwrap_err().to_string();
         assert!(err.contains("`batch_sise` is not a setting"), "{err}");
         assert!(parse_set("lr").is_err());

@@ -139,7 +139,11 @@ pub struct Folder {
 impl Folder {
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("{} is not a folder", dir.display());
+            bail!(
+                "{} is not a folder: give the folder of a run (`harma train --out`) or of an \
+                 evaluation (`harma eval --report`)",
+                dir.display()
+            );
         }
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let name = dir
