@@ -1,5 +1,5 @@
-//! Project tasks: `cargo xtask bench`, `fetch-data`, `build-cuda`, `gpu-check`. One module per
-//! command.
+//! Project tasks: `cargo xtask bench`, `fetch-data`, `reproduce`, `build-cuda`, `gpu-check`.
+//! One module per command.
 
 #![forbid(unsafe_code)]
 
@@ -8,6 +8,7 @@ mod cuda;
 mod distcheck;
 mod fetch;
 mod gpucheck;
+mod reproduce;
 mod workloads;
 
 // Candle allocates a fresh buffer per op; mimalloc reuses freed pages where glibc returns
@@ -30,6 +31,11 @@ enum Command {
     Bench(bench::Args),
     /// Download models and datasets into the data/ layout (docs/DATA.md, docs/SOURCES.md)
     FetchData(fetch::Args),
+    /// The paper's experiment in one command: fetch, zero-shot, train with the original's
+    /// recipe, test with the adapters chosen on val, and a report set against the published
+    /// numbers in reports/<dataset>-<backbone>-<date>/ (docs/REPRODUCE.md). Rerunning
+    /// continues where it stopped
+    Reproduce(reproduce::Args),
     /// Build CUDA binaries of harma and xtask on a machine without a GPU (docs/CUDA.md)
     BuildCuda(cuda::Args),
     /// On a GPU: parity with the CPU, throughput and memory, PyTorch beside us (docs/CUDA.md)
@@ -80,6 +86,7 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::BenchStep(args) => bench::run_step(&args),
         Command::FetchData(args) => fetch::run(&args),
+        Command::Reproduce(args) => reproduce::run(&args),
         Command::BuildCuda(args) => cuda::run(&args),
         Command::GpuCheck(args) => gpucheck::run(&args),
         Command::DistCheck(args) => distcheck::run(&args),

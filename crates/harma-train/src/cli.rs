@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{config, demo, embed, eval, train};
+use crate::{config, demo, embed, eval, report, train};
 
 /// harma: HarMA remote-sensing image-text retrieval (CLIP ViT-B/32 + adapters) on Candle.
 #[derive(Debug, Parser)]
@@ -59,6 +59,17 @@ pub enum Command {
     /// about two minutes, zero-shot vs trained retrieval. What `harma` runs with no arguments
     /// when no dataset has been fetched.
     Demo(demo::Args),
+    /// Rebuild the report of a finished (or running) training run or evaluation, or compare
+    /// runs on one page.
+    ///
+    /// Every `harma train` run keeps RUN_DIR/report.html (one self-contained page: curves,
+    /// results, retrieval examples with thumbnails, settings, data and checkpoint hashes,
+    /// machine and time) and report.md, refreshed as it goes; this rebuilds them from the
+    /// folder's files alone. With --compare, one page sets runs side by side: the curves
+    /// overlaid, the results in columns, the settings that differ. How to judge an ablation:
+    ///
+    /// harma report runs/adaptive --compare runs/no-triplet --out runs
+    Report(report::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Demo(args)) => demo::run(&args),
+        Some(Command::Report(args)) => report::run(&args),
         None => default_run(),
     }
 }

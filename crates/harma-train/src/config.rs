@@ -222,6 +222,11 @@ pub struct RunConfig {
     /// Images or captions per forward pass when evaluating
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub eval_batch_size: usize,
+    /// Do not evaluate the model before the first step. By default a new run evaluates val
+    /// and test with the starting adapters (fresh adapters: the backbone alone, the zero-shot
+    /// baseline) for metrics.json and the report
+    #[arg(long = "no-zero-shot", action = clap::ArgAction::SetFalse)]
+    pub zero_shot: bool,
     /// Keep only each block's input in the forward pass and recompute one block at a time in
     /// the backward: activation memory of one block instead of all 24, for about 1.3x the time
     /// (what makes the original's batch 214 fit in a laptop's memory). Without it, on the CPU,
@@ -430,7 +435,7 @@ fn overlay(table: &mut toml::Table, layer: &toml::Table) {
 }
 
 /// The setting names (the keys of config files): the flags' ids.
-fn setting_names() -> Vec<String> {
+pub fn setting_names() -> Vec<String> {
     <TrainConfig as clap::Args>::augment_args(clap::Command::new("names"))
         .get_arguments()
         .map(|a| a.get_id().to_string())

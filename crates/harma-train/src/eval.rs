@@ -35,11 +35,20 @@ pub struct Args {
     /// Skip bad entries (missing image, empty caption) with a warning instead of stopping
     #[arg(long)]
     pub skip_bad: bool,
+    /// Also write a report into DIR: report.html (self-contained: results, retrieval examples
+    /// with thumbnails, data and model hashes, machine and time) and report.md, with the
+    /// records they are made from (eval.json, run.json, examples.json; `harma report DIR`
+    /// rebuilds the pages from them)
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Seed of the report's sample of retrieval examples
+    #[arg(long, default_value_t = 3407)]
+    pub seed: u64,
 }
 
 /// Where the time of an evaluation went, in seconds. Decoding runs on its own thread while the
 /// model embeds, so `decode` and `embed_images` overlap within `images`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     /// decoding, resizing and normalising the images (producer thread, busy time)
     pub decode: f64,
@@ -94,6 +103,18 @@ pub fn evaluate_split(
     set: &EvalSet,
     opts: &EvalOptions,
 ) -> Result<(RetrievalMetrics, Timings)> {
+    let (m, t, _) = evaluate_split_scores(encoder, tokenizer, set, opts)?;
+    Ok((m, t))
+}
+
+/// [`evaluate_split`], also returning the scores `S = I T^T` ([n_images, n_captions],
+/// row-major): what a report's retrieval examples are drawn from.
+pub fn evaluate_split_scores(
+    encoder: &Encoder,
+    tokenizer: &ClipTokenizer,
+    set: &EvalSet,
+    opts: &EvalOptions,
+) -> Result<(RetrievalMetrics, Timings, Vec<f32>)> {
     let mut timings = Timings::default();
     let files: Vec<PathBuf> = set.images.iter().map(|p| opts.image_root.join(p)).collect();
     let bar = |n: usize, what: &str| {
@@ -121,7 +142,7 @@ pub fn evaluate_split(
     let scores: Vec<f32> = img.matmul(&txt.t()?)?.flatten_all()?.to_vec1()?;
     let metrics = harma_metrics::evaluate(&scores, files.len(), &set.txt2img)?;
     timings.metrics = t.elapsed().as_secs_f64();
-    Ok((metrics, timings))
+    Ok((metrics, timings, scores))
 }
 
 /// The metrics as a table: R@1/5/10 both ways and mR.
@@ -136,6 +157,15 @@ pub fn table(m: &RetrievalMetrics) -> String {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let since = Instant::now();
+    if let Some(dir) = &args.report {
+        if dir.join("config.toml").exists() {
+            anyhow::bail!(
+                "{} holds a training run: give --report another folder",
+                dir.display()
+            );
+        }
+    }
     let set = load_split(&args.test_json, &args.image_root, args.skip_bad)?;
     let loaded = args.net.load()?;
     let (cfg, adapters) = (&loaded.config, &loaded.adapters);
@@ -153,7 +183,8 @@ pub fn run(args: &Args) -> Result<()> {
         image_root: &args.image_root,
         progress: true,
     };
-    let (metrics, timings) = evaluate_split(&encoder, &tokenizer, &set, &opts)?;
+    let load = since.elapsed().as_secs_f64();
+    let (metrics, timings, scores) = evaluate_split_scores(&encoder, &tokenizer, &set, &opts)?;
     println!(
         "{}: {} images, {} captions\n{}",
         args.test_json.display(),
@@ -171,19 +202,56 @@ pub fn run(args: &Args) -> Result<()> {
         timings.captions,
         timings.metrics
     );
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let record = crate::report::EvalRecord {
+        test: metrics,
+        test_json: absolute(&args.test_json),
+        model: absolute(&args.net.model),
+        adapters: loaded.adapters_from.as_deref().map(absolute),
+        images: set.images.len(),
+        captions: set.captions.len(),
+        seconds: timings,
+    };
+    let json = serde_json::to_string_pretty(&record)?;
     if let Some(out) = &args.out {
-        let json = serde_json::json!({
-            "test": metrics,
-            "test_json": args.test_json,
-            "model": args.net.model,
-            "adapters": args.net.backbone.adapters,
-            "images": set.images.len(),
-            "captions": set.captions.len(),
-            "seconds": timings,
-        });
-        crate::output::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())
+        crate::output::write_atomic(out, json.as_bytes())
             .with_context(|| format!("cannot write {}", out.display()))?;
         eprintln!("wrote {}", out.display());
+    }
+    if let Some(dir) = &args.report {
+        let t = Instant::now();
+        crate::output::write_atomic(&crate::report::EvalRecord::path(dir), json.as_bytes())?;
+        let title = format!("{}", args.test_json.display());
+        let ex = crate::report::Examples::new(
+            &title,
+            &set,
+            &scores,
+            &args.image_root,
+            args.seed,
+            crate::report::examples::Counts::default(),
+        )?;
+        ex.write(dir)?;
+        let mut session = crate::report::info::session(loaded.compute(), 0);
+        session.phases.load = load;
+        session.phases.test = record.seconds.images
+            + record.seconds.captions
+            + record.seconds.metrics
+            + t.elapsed().as_secs_f64();
+        let info = crate::report::RunInfo {
+            kind: "eval".into(),
+            data: vec![crate::report::info::DataFile {
+                split: "test".into(),
+                file: crate::report::info::FileHash::of(&record.test_json)?,
+                images: record.images,
+                captions: record.captions,
+            }],
+            init: Some(crate::report::info::FileHash::of(&record.model)?),
+            start_adapters: record.adapters.as_ref().map(|p| p.display().to_string()),
+            sessions: vec![session],
+        };
+        info.write(dir)?;
+        let page = crate::report::write_report(dir)?;
+        eprintln!("report: {}", page.display());
     }
     Ok(())
 }

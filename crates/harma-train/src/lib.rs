@@ -1,8 +1,8 @@
-//! The `harma` binary's library. Commands (`embed`, `eval`, `train`, `demo`) are modules with
-//! an `Args` struct and a `run`; they stand on the library modules: `model` (loading a
-//! checkpoint and its adapters), `encode` (batched embedding), `eval` (a split's metrics),
-//! `trainer` (one training step), `resume` and `record` (a run's files), `config` (the
-//! settings) and `device` (the compute flags).
+//! The `harma` binary's library. Commands (`embed`, `eval`, `train`, `demo`, `report`) are
+//! modules with an `Args` struct and a `run`; they stand on the library modules: `model`
+//! (loading a checkpoint and its adapters), `encode` (batched embedding), `eval` (a split's
+//! metrics), `trainer` (one training step), `resume` and `record` (a run's files), `report`
+//! (a run's report pages), `config` (the settings) and `device` (the compute flags).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,7 @@ pub mod optim;
 pub mod output;
 pub mod pipeline;
 pub mod record;
+pub mod report;
 pub mod resume;
 pub mod schedule;
 pub mod step;

@@ -28,9 +28,19 @@ pub struct TestEntry {
     pub metrics: RetrievalMetrics,
 }
 
+/// The model before its first step, on val and test: the zero-shot baseline when the
+/// adapters start fresh (the model then equals its backbone).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StartEntry {
+    pub val: Option<RetrievalMetrics>,
+    pub test: Option<RetrievalMetrics>,
+}
+
 /// OUT/metrics.json.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct MetricsLog {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartEntry>,
     pub val: Vec<ValEntry>,
     pub best: Option<ValEntry>,
     pub test: Option<TestEntry>,
@@ -41,7 +51,8 @@ impl MetricsLog {
         dir.join("metrics.json")
     }
 
-    /// The record of a resumed run, without what came after `step`.
+    /// The record of a resumed run, without what came after `step` (the step-0 evaluation
+    /// is kept).
     pub fn read(dir: &Path, step: usize) -> Result<Self> {
         let path = Self::path(dir);
         let Ok(text) = std::fs::read_to_string(&path) else {

@@ -34,7 +34,8 @@ use crate::config::{AugmentKind, ScheduleKind, TrainArgs, TrainConfig};
 use crate::encode::Encoder;
 use crate::eval::EvalOptions;
 use crate::optim::AdamWConfig;
-use crate::record::{MetricsLog, StepLog, TestEntry, ValEntry};
+use crate::record::{MetricsLog, StartEntry, StepLog, TestEntry, ValEntry};
+use crate::report::{Examples, Phase, Recorder};
 use crate::resume;
 use crate::schedule::Schedule;
 use crate::trainer::{NonFiniteLoss, StepReport, Trainer, TrainerSettings};
@@ -194,6 +195,16 @@ impl Evaluator<'_> {
         tensors: HashMap<String, Tensor>,
         split: &EvalSet,
     ) -> Result<RetrievalMetrics> {
+        Ok(self.run_scores(model, tensors, split)?.0)
+    }
+
+    /// [`Evaluator::run`], with the score matrix.
+    fn run_scores(
+        &self,
+        model: &Clip,
+        tensors: HashMap<String, Tensor>,
+        split: &EvalSet,
+    ) -> Result<(RetrievalMetrics, Vec<f32>)> {
         let adapters =
             HarmaAdapters::from_tensors(tensors, &model.config, &self.acfg, &model.compute)?;
         let encoder = Encoder {
@@ -205,8 +216,29 @@ impl Evaluator<'_> {
             image_root: self.cfg.image_root(),
             progress: false,
         };
-        let (m, _) = crate::eval::evaluate_split(&encoder, &self.tokenizer, split, &opts)?;
-        Ok(m)
+        let (m, _, scores) =
+            crate::eval::evaluate_split_scores(&encoder, &self.tokenizer, split, &opts)?;
+        Ok((m, scores))
+    }
+
+    /// Evaluate val and test with the starting adapters (before the first step) and record
+    /// them: the zero-shot baseline when the adapters are fresh.
+    fn zero_shot(&self, trainer: &Trainer, record: &mut MetricsLog) -> Result<()> {
+        let mut start = StartEntry::default();
+        for (split, slot) in [(&self.val, &mut start.val), (&self.test, &mut start.test)] {
+            if let Some(set) = split {
+                *slot = Some(self.run(trainer.model(), trainer.detached(), set)?);
+            }
+        }
+        let show =
+            |m: &Option<RetrievalMetrics>| m.map_or("-".into(), |m| format!("{:.2}", m.r_mean));
+        eprintln!(
+            "step 0 (before training): val mR {}, test mR {}",
+            show(&start.val),
+            show(&start.test)
+        );
+        record.start = Some(start);
+        record.write(self.cfg.out())
     }
 
     /// Evaluate test once, with the best adapters by val (or the last without val); print
@@ -236,7 +268,11 @@ impl Evaluator<'_> {
             None => ("adapters.safetensors", steps, trainer.detached()),
         };
         eprintln!("evaluating test with {file} (step {step})");
-        let m = self.run(trainer.model(), tensors, test)?;
+        let (m, scores) = self.run_scores(trainer.model(), tensors, test)?;
+        let title = format!("test split, {file} (step {step})");
+        let image_root = self.cfg.image_root();
+        let counts = crate::report::examples::Counts::default();
+        Examples::new(&title, test, &scores, image_root, self.cfg.run.seed, counts)?.write(dir)?;
         println!("test ({file}, step {step}):\n{}", crate::eval::table(&m));
         record.test = Some(TestEntry {
             adapters: file.to_string(),
@@ -270,6 +306,8 @@ struct RunState<'a> {
     pb: ProgressBar,
     last_saved: Option<usize>,
     timer: std::time::Instant,
+    /// run.json and the report: the lead's, like `log`
+    report: Option<Recorder>,
 }
 
 impl RunState<'_> {
@@ -301,10 +339,11 @@ impl RunState<'_> {
         stop: bool,
     ) -> Result<bool> {
         let (done, epoch) = (report.step, self.plan.epoch(k) + 1);
-        let Some(log) = self.log.as_mut() else {
+        let (Some(log), Some(rec)) = (self.log.as_mut(), self.report.as_mut()) else {
             // not the lead: it logs, evaluates and saves for every rank
             return Ok(!(stop && done < self.plan.total));
         };
+        rec.step(done, pairs);
         log.write(report, epoch)?;
         let secs = self.timer.elapsed().as_secs_f64();
         self.timer = std::time::Instant::now();
@@ -328,6 +367,7 @@ impl RunState<'_> {
                     epoch,
                     metrics: m,
                 };
+                rec.lap(Phase::Val);
                 let improved = self.record.add_val(entry);
                 if improved {
                     resume::save_best(dir, trainer, done, self.cfg)?;
@@ -343,11 +383,13 @@ impl RunState<'_> {
                         if improved { ", best so far" } else { "" }
                     )
                 });
+                rec.refresh(dir);
             }
         }
         if stop || self.plan.due_after(done, self.cfg.run.save_every) {
             resume::save(dir, trainer, done, self.plan.n_pairs, self.cfg)?;
             self.last_saved = Some(done);
+            rec.refresh(dir);
         }
         Ok(!(stop && done < self.plan.total))
     }
@@ -417,6 +459,7 @@ fn run_rank(
     control: &Control,
     coll: Arc<dyn Collective>,
 ) -> Result<Outcome> {
+    let since = std::time::Instant::now();
     let dir = cfg.out();
     let (rank, world) = (coll.rank(), coll.world());
     let lead = rank == 0;
@@ -437,6 +480,7 @@ fn run_rank(
     let (clip, model, in_checkpoint) =
         crate::model::load_backbone(cfg.init(), &cfg.model.backbone.arch, &compute)?;
     let acfg = cfg.adapters();
+    let fresh = cfg.model.backbone.adapters.is_none() && in_checkpoint.is_empty();
     let tensors = starting_adapters(cfg, in_checkpoint, &clip, &acfg, &compute)?;
     let plan = &data.plan;
     if !plan.batch.is_multiple_of(world) {
@@ -466,9 +510,12 @@ fn run_rank(
     } else {
         MetricsLog::default()
     };
-    if lead {
+    let report = if lead {
         crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    }
+        Some(Recorder::start(cfg, &data, &compute, start, fresh, since)?)
+    } else {
+        None
+    };
     let evaluator = Evaluator {
         val: data.val.clone().filter(|_| lead),
         test: data.test.clone().filter(|_| lead),
@@ -489,12 +536,24 @@ fn run_rank(
         },
         last_saved: resume.then_some(start),
         timer: std::time::Instant::now(),
+        report,
     };
+    if let Some(rec) = state.report.as_mut() {
+        if start == 0 && cfg.run.zero_shot && state.record.start.is_none() {
+            state.evaluator.zero_shot(&trainer, &mut state.record)?;
+            rec.lap(Phase::ZeroShot);
+            rec.refresh(dir);
+        }
+        if start >= plan.total {
+            eprintln!("the run already has {start} of {} steps", plan.total);
+            state
+                .evaluator
+                .final_test(&trainer, &mut state.record, start)?;
+            rec.lap(Phase::Test);
+            rec.refresh(dir);
+        }
+    }
     if start >= plan.total {
-        eprintln!("the run already has {start} of {} steps", plan.total);
-        state
-            .evaluator
-            .final_test(&trainer, &mut state.record, start)?;
         return Ok(Outcome::Finished { steps: start });
     }
     if lead {
@@ -550,9 +609,10 @@ fn run_rank(
         },
     )?;
     state.pb.finish();
-    if !lead {
+    let Some(rec) = state.report.as_mut() else {
+        // not the lead
         return Ok(outcome);
-    }
+    };
     match &outcome {
         Outcome::Finished { steps } => {
             eprintln!(
@@ -562,6 +622,9 @@ fn run_rank(
             state
                 .evaluator
                 .final_test(&trainer, &mut state.record, *steps)?;
+            rec.lap(Phase::Test);
+            rec.refresh(dir);
+            eprintln!("report: {}", dir.join("report.html").display());
         }
         Outcome::Stopped { step } => eprintln!(
             "stopped after step {step}; continue with `harma train --resume {}`",
@@ -569,6 +632,21 @@ fn run_rank(
         ),
     }
     Ok(outcome)
+}
+
+/// A [`Control`] whose stop Ctrl-C sets (a second Ctrl-C exits at once).
+pub fn interruptible() -> Result<Control> {
+    let control = Control::default();
+    let stop = control.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting now, without saving this step");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and saving (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(control)
 }
 
 /// `harma train` from the command line: settings resolved, Ctrl-C wired to a clean stop; with
@@ -585,16 +663,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         return launch::launch(&args.launch, &launch::worker_args(&argv));
     }
     let mut cfg = TrainConfig::resolve(args)?;
-    let control = Control::default();
-    let stop = control.stop.clone();
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond interrupt: exiting now, without saving this step");
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing this step and saving (Ctrl-C again to quit now)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let control = interruptible()?;
     let coll: Arc<dyn Collective> = match &role {
         None => Arc::new(Single),
         Some(role) => {

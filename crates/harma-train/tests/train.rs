@@ -730,8 +730,9 @@ fn ranks_on_threads_train_as_one_process() -> Result<()> {
         adapters <= 1e-5 && loss <= 1e-6,
         "resumed: {adapters} {loss}"
     );
-    // a rank whose shard holds a corrupt image fails; every rank stops, naming it
-    let cfg = args(&dir, "broken").resolve()?;
+    // a rank whose shard holds a corrupt image fails; every rank stops, naming it (no step-0
+    // evaluation: rank 0 would meet the image there first, on its own)
+    let cfg = args(&dir, "broken").on("--no-zero-shot").resolve()?;
     std::fs::write(dir.join("images/green.png"), b"\x89PNG\r\n\x1a\n not a png")?;
     let results = on_ranks(&cfg, 2, false, &Control::default());
     for r in &results {

@@ -270,7 +270,7 @@ fn wanted_images(
     Ok(out)
 }
 
-fn fetch_dataset(
+pub fn fetch_dataset(
     net: &Net,
     name: &str,
     src: &DatasetSource,
@@ -357,7 +357,7 @@ fn fetch_dataset(
     Ok(())
 }
 
-fn fetch_model(net: &Net, name: &str, src: &ModelSource, data: &Path) -> Result<()> {
+pub fn fetch_model(net: &Net, name: &str, src: &ModelSource, data: &Path) -> Result<()> {
     if let Some(hf) = &src.hf {
         let dest = safe_join(data, Path::new(&src.dest))?;
         if dest.exists() {
