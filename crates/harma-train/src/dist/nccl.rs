@@ -122,7 +122,9 @@ fn watch(rdv: Rendezvous, rank: usize) {
 }
 
 /// The CUDA slice and element count of a contiguous tensor.
-fn slice_of<T: candle_core::cuda_backend::CudaDType>(
+fn slice_of<
+    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+>(
     t: &Tensor,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
     let t = t.contiguous()?;
@@ -132,10 +134,8 @@ fn slice_of<T: candle_core::cuda_backend::CudaDType>(
     };
     let start = layout.start_offset();
     let n = t.elem_count();
-    Ok(cs
-        .as_cuda_slice::<T>()?
-        .slice(start..start + n)
-        .to_owned()?)
+    let all = cs.as_cuda_slice::<T>()?;
+    Ok(all.stream().clone_dtod(&all.slice(start..start + n))?)
 }
 
 /// A tensor of `shape` over `slice`.
