@@ -330,6 +330,183 @@ fn torch_round(py: &Path, b: usize, iters: usize, threads: usize) -> Result<serd
     run_python(py, "xtask/bench_torch.py", &args, threads)
 }
 
+/// The GEMM table: each kernel on the linear layers' GEMMs at `rows` rows, beside PyTorch's
+/// f32 and bf16 matmul (from its last round, if it ran). Returns the kernels' JSON.
+fn gemm_table(
+    rows: usize,
+    b: usize,
+    iters: usize,
+    torch_gemm: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let kernels = kernel_gflops(rows, iters)?;
+    let names: Vec<String> = kernels[format!("{}x{}", LINEAR_SHAPES[0].0, LINEAR_SHAPES[0].1)]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    println!(
+        "GEMM GFLOP/s, {rows} rows (the linear layers of a block at batch {b}), forward, \
+         packed weights; PyTorch's x @ w.t() in f32 and bf16:"
+    );
+    println!(
+        "{:<11} {} {:>13} {:>13}",
+        "in x out",
+        names.iter().map(|n| format!("{n:>16}")).collect::<String>(),
+        "PyTorch f32",
+        "PyTorch bf16"
+    );
+    for (inp, outd) in LINEAR_SHAPES {
+        let key = format!("{inp}x{outd}");
+        let ours: String = names
+            .iter()
+            .map(|n| format!("{:>16.1}", kernels[&key][n].as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let torch = |dt: &str| {
+            torch_gemm
+                .and_then(|t| t[format!("{key}_{dt}")].as_f64())
+                .map_or("-".to_string(), |v| format!("{v:.1}"))
+        };
+        println!(
+            "{key:<11} {ours} {:>13} {:>13}",
+            torch("f32"),
+            torch("bf16")
+        );
+    }
+    if let Some(p) = kernels.get("avx512bf16_peak") {
+        println!(
+            "AVX512-BF16 peak (VDPBF16PS on registers, no memory): {:.1} GFLOP/s ({:.1} per \
+             thread x {})",
+            p["total"].as_f64().unwrap_or(f64::NAN),
+            p["per_thread"].as_f64().unwrap_or(f64::NAN),
+            p["threads"]
+        );
+    }
+    Ok(kernels)
+}
+
+/// The training step, each mode in its own process (peak memory is per process), the modes
+/// alternating; prints the table and returns its JSON. `pair_flops`: the forward FLOPs of a
+/// pair; `gflops`: the f32 matmul rate the shares are of.
+fn train_table(
+    args: &Args,
+    threads: usize,
+    pair_flops: f64,
+    gflops: f64,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let b = args.batch;
+    let step_iters = if args.quick { 1 } else { 3 };
+    let step_rounds = if args.quick { 1 } else { 2 };
+    let mut measured: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); STEP_MODES.len()];
+    for _ in 0..step_rounds {
+        for (mode, (speed, rss)) in STEP_MODES.iter().zip(&mut measured) {
+            if let Some((s, m)) = step_mode(mode, args, step_iters, threads)? {
+                speed.push(s);
+                rss.push(m);
+            }
+        }
+        eprintln!("training-step round done");
+    }
+    println!(
+        "training step (HarMA adapters, batch {b}, {step_rounds} rounds of {step_iters} steps; \
+         medians; ~{:.0} GFLOP per pair without frozen-weight gradients):",
+        pair_flops / 1e9
+    );
+    println!(
+        "{:<18} {:>9} {:>14} {:>14} {:>13}",
+        "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
+    );
+    let mut train_json = serde_json::Map::new();
+    let medians = |name: &str| {
+        let i = STEP_MODES.iter().position(|m| m.name == name)?;
+        let (s, m) = &measured[i];
+        (!s.is_empty()).then(|| (median(s), median(m)))
+    };
+    for (mode, (speed, _)) in STEP_MODES.iter().zip(&measured) {
+        let Some((sp, mem)) = medians(mode.name) else {
+            continue;
+        };
+        let vs = match mode.compared_with.and_then(medians) {
+            Some((ts, tm)) => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
+            None => "-".into(),
+        };
+        let share = 100.0 * sp * pair_flops / 1e9 / gflops;
+        println!(
+            "{:<18} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
+            mode.name, share
+        );
+        train_json.insert(
+            mode.name.into(),
+            serde_json::json!({"pairs_per_s": sp, "peak_rss_gb": mem, "runs": speed}),
+        );
+    }
+    Ok(train_json)
+}
+
+/// Evaluation of an RSITMD-test-sized split from disk; prints it and returns its JSON.
+fn eval_line(model: &Clip, b: usize) -> Result<serde_json::Value> {
+    let ev = eval_rsitmd_sized(model, b)?;
+    let sec = |k: &str| ev[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "evaluation, RSITMD-test-sized ({} .tif 256x256 images, {} captions, from disk): {:.1} s \
+         = images {:.1} s (decode {:.1} s busy on its thread, image tower {:.1} s) + captions \
+         {:.1} s + metrics {:.3} s",
+        ev["images_count"],
+        ev["captions_count"],
+        sec("total"),
+        sec("images"),
+        sec("decode"),
+        sec("embed_images"),
+        sec("captions"),
+        sec("metrics")
+    );
+    Ok(ev)
+}
+
+/// The embedding table: the f32 matmul rate and each workload, ours beside PyTorch's
+/// (medians of the rounds); adds each row to `json`.
+fn embed_table(
+    gemm: &(Vec<f64>, Vec<f64>),
+    workloads: &[EmbedWorkload],
+    ours: &[Vec<f64>],
+    theirs: &[Vec<f64>],
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let gflops = median(&gemm.0);
+    println!(
+        "{:<30} {:>10} {:>10} {:>8} {:>11} {:>12}",
+        "workload", "harma-rs", "PyTorch", "ratio", "GFLOP/item", "matmul share"
+    );
+    let gemm_torch = (!gemm.1.is_empty()).then(|| median(&gemm.1));
+    let rows = std::iter::once(("matmul 1600x768x3072 GFLOP/s", gflops, gemm_torch, f64::NAN))
+        .chain(
+            workloads
+                .iter()
+                .zip(ours.iter().zip(theirs))
+                .map(|(w, (o, th))| {
+                    let th = (!th.is_empty()).then(|| median(th));
+                    (w.name, median(o), th, w.flops)
+                }),
+        );
+    for (name, ours, theirs, flops) in rows {
+        let (share, per_item) = if flops.is_nan() {
+            (String::new(), String::new())
+        } else {
+            (
+                format!("{:.0}%", 100.0 * ours * flops / 1e9 / gflops),
+                format!("{:.1}", flops / 1e9),
+            )
+        };
+        let (th, ratio) = match theirs {
+            Some(t) => (format!("{t:.1}"), format!("{:.2}x", ours / t)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("{name:<30} {ours:>10.1} {th:>10} {ratio:>8} {per_item:>11} {share:>12}");
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
+        );
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let compute = Compute::cpu();
     let iters = if args.quick { 2 } else { 6 };
@@ -364,42 +541,49 @@ pub fn run(args: &Args) -> Result<()> {
     let txt_flops = t.layers as f64 * block_flops(77, t.width, t.mlp_dim);
     let cut_flops = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
     let full: Option<&dyn BlockHook> = Some(&FullContext);
+    let workload = |name, model, input, flops, torch_key| EmbedWorkload {
+        name,
+        model,
+        input,
+        flops,
+        torch_key,
+    };
     let workloads = [
-        EmbedWorkload {
-            name: "images/s",
-            model: &model,
-            input: Input::Images(&pixels),
-            flops: img_flops,
-            torch_key: "images_per_s",
-        },
-        EmbedWorkload {
-            name: "captions/s (cut after EOT)",
-            model: &model,
-            input: Input::Captions(&ids, None),
-            flops: cut_flops,
-            torch_key: "captions_per_s",
-        },
-        EmbedWorkload {
-            name: "captions/s (full 77 tokens)",
-            model: &model,
-            input: Input::Captions(&ids, full),
-            flops: txt_flops,
-            torch_key: "captions_per_s",
-        },
-        EmbedWorkload {
-            name: "images/s, bf16",
-            model: &model_bf16,
-            input: Input::Images(&pixels),
-            flops: img_flops,
-            torch_key: "images_per_s_bf16",
-        },
-        EmbedWorkload {
-            name: "captions/s (77 tokens), bf16",
-            model: &model_bf16,
-            input: Input::Captions(&ids, full),
-            flops: txt_flops,
-            torch_key: "captions_per_s_bf16",
-        },
+        workload(
+            "images/s",
+            &model,
+            Input::Images(&pixels),
+            img_flops,
+            "images_per_s",
+        ),
+        workload(
+            "captions/s (cut after EOT)",
+            &model,
+            Input::Captions(&ids, None),
+            cut_flops,
+            "captions_per_s",
+        ),
+        workload(
+            "captions/s (full 77 tokens)",
+            &model,
+            Input::Captions(&ids, full),
+            txt_flops,
+            "captions_per_s",
+        ),
+        workload(
+            "images/s, bf16",
+            &model_bf16,
+            Input::Images(&pixels),
+            img_flops,
+            "images_per_s_bf16",
+        ),
+        workload(
+            "captions/s (77 tokens), bf16",
+            &model_bf16,
+            Input::Captions(&ids, full),
+            txt_flops,
+            "captions_per_s_bf16",
+        ),
     ];
     let mut gemm = (vec![], vec![]);
     // PyTorch's GEMMs of the linear layers, from its last round
@@ -422,160 +606,24 @@ pub fn run(args: &Args) -> Result<()> {
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    let gflops = median(&gemm.0);
     println!("mean caption length: {mean_tokens:.1} tokens (of 77)");
-    // each kernel on the linear layers' GEMMs, beside PyTorch's f32 and bf16 matmul
-    let rows = 50 * b;
-    let kernels = kernel_gflops(rows, iters)?;
-    let names: Vec<String> = kernels[format!("{}x{}", LINEAR_SHAPES[0].0, LINEAR_SHAPES[0].1)]
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default();
-    println!(
-        "GEMM GFLOP/s, {rows} rows (the linear layers of a block at batch {b}), forward, \
-         packed weights; PyTorch's x @ w.t() in f32 and bf16:"
+    json.insert(
+        "kernels".into(),
+        gemm_table(50 * b, b, iters, torch_gemm.as_ref())?,
     );
-    println!(
-        "{:<11} {} {:>13} {:>13}",
-        "in x out",
-        names.iter().map(|n| format!("{n:>16}")).collect::<String>(),
-        "PyTorch f32",
-        "PyTorch bf16"
-    );
-    for (inp, outd) in LINEAR_SHAPES {
-        let key = format!("{inp}x{outd}");
-        let ours: String = names
-            .iter()
-            .map(|n| format!("{:>16.1}", kernels[&key][n].as_f64().unwrap_or(f64::NAN)))
-            .collect();
-        let torch = |dt: &str| {
-            torch_gemm
-                .as_ref()
-                .and_then(|t| t[format!("{key}_{dt}")].as_f64())
-                .map_or("-".to_string(), |v| format!("{v:.1}"))
-        };
-        println!(
-            "{key:<11} {ours} {:>13} {:>13}",
-            torch("f32"),
-            torch("bf16")
-        );
-    }
-    if let Some(p) = kernels.get("avx512bf16_peak") {
-        println!(
-            "AVX512-BF16 peak (VDPBF16PS on registers, no memory): {:.1} GFLOP/s ({:.1} per \
-             thread x {})",
-            p["total"].as_f64().unwrap_or(f64::NAN),
-            p["per_thread"].as_f64().unwrap_or(f64::NAN),
-            p["threads"]
-        );
-    }
-    json.insert("kernels".into(), kernels);
     if let Some(t) = torch_gemm {
         json.insert("pytorch_gemm".into(), t);
     }
-    // the training step, each mode in its own process (peak memory is per process), alternating
-    let step_iters = if args.quick { 1 } else { 3 };
-    let step_rounds = if args.quick { 1 } else { 2 };
-    let mut measured: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); STEP_MODES.len()];
-    for _ in 0..step_rounds {
-        for (mode, (speed, rss)) in STEP_MODES.iter().zip(&mut measured) {
-            if let Some((s, m)) = step_mode(mode, args, step_iters, threads)? {
-                speed.push(s);
-                rss.push(m);
-            }
-        }
-        eprintln!("training-step round done");
-    }
     let pair_flops = 2.0 * (img_flops + txt_flops);
-    println!(
-        "training step (HarMA adapters, batch {b}, {step_rounds} rounds of {step_iters} steps; \
-         medians; ~{:.0} GFLOP per pair without frozen-weight gradients):",
-        pair_flops / 1e9
-    );
-    println!(
-        "{:<18} {:>9} {:>14} {:>14} {:>13}",
-        "", "pairs/s", "peak RSS GB", "vs PyTorch", "matmul share"
-    );
-    let mut train_json = serde_json::Map::new();
-    let medians = |name: &str| {
-        let i = STEP_MODES.iter().position(|m| m.name == name)?;
-        let (s, m) = &measured[i];
-        (!s.is_empty()).then(|| (median(s), median(m)))
-    };
-    for (mode, (speed, _)) in STEP_MODES.iter().zip(&measured) {
-        let Some((sp, mem)) = medians(mode.name) else {
-            continue;
-        };
-        let vs = match mode.compared_with.and_then(medians) {
-            Some((ts, tm)) => format!("{:.2}x, {:.2}x mem", sp / ts, mem / tm),
-            None => "-".into(),
-        };
-        let share = 100.0 * sp * pair_flops / 1e9 / gflops;
-        println!(
-            "{:<18} {sp:>9.2} {mem:>14.2} {vs:>14} {:>12.0}%",
-            mode.name, share
-        );
-        train_json.insert(
-            mode.name.into(),
-            serde_json::json!({"pairs_per_s": sp, "peak_rss_gb": mem, "runs": speed}),
-        );
-    }
-    let ev = eval_rsitmd_sized(&model, b)?;
-    let sec = |k: &str| ev[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "evaluation, RSITMD-test-sized ({} .tif 256x256 images, {} captions, from disk): {:.1} s \
-         = images {:.1} s (decode {:.1} s busy on its thread, image tower {:.1} s) + captions \
-         {:.1} s + metrics {:.3} s",
-        ev["images_count"],
-        ev["captions_count"],
-        sec("total"),
-        sec("images"),
-        sec("decode"),
-        sec("embed_images"),
-        sec("captions"),
-        sec("metrics")
-    );
-    json.insert("eval_rsitmd_test_sized".into(), ev);
+    let train_json = train_table(args, threads, pair_flops, median(&gemm.0))?;
+    json.insert("eval_rsitmd_test_sized".into(), eval_line(&model, b)?);
     let n_img = if args.quick { 2_000 } else { 10_000 };
     let metrics_s = metrics_seconds(n_img)?;
     println!(
         "metrics (R@K both ways, mR) on a {n_img} x {} score matrix: {metrics_s:.2} s",
         5 * n_img
     );
-    println!(
-        "{:<30} {:>10} {:>10} {:>8} {:>11} {:>12}",
-        "workload", "harma-rs", "PyTorch", "ratio", "GFLOP/item", "matmul share"
-    );
-    let gemm_torch = (!gemm.1.is_empty()).then(|| median(&gemm.1));
-    let rows = std::iter::once(("matmul 1600x768x3072 GFLOP/s", gflops, gemm_torch, f64::NAN))
-        .chain(
-            workloads
-                .iter()
-                .zip(ours.iter().zip(&theirs))
-                .map(|(w, (o, th))| {
-                    let th = (!th.is_empty()).then(|| median(th));
-                    (w.name, median(o), th, w.flops)
-                }),
-        );
-    for (name, ours, theirs, flops) in rows {
-        let (share, per_item) = if flops.is_nan() {
-            (String::new(), String::new())
-        } else {
-            (
-                format!("{:.0}%", 100.0 * ours * flops / 1e9 / gflops),
-                format!("{:.1}", flops / 1e9),
-            )
-        };
-        let (th, ratio) = match theirs {
-            Some(t) => (format!("{t:.1}"), format!("{:.2}x", ours / t)),
-            None => ("-".into(), "-".into()),
-        };
-        println!("{name:<30} {ours:>10.1} {th:>10} {ratio:>8} {per_item:>11} {share:>12}");
-        json.insert(
-            name.to_string(),
-            serde_json::json!({"harma_rs": ours, "pytorch": theirs, "gflop_per_item": flops / 1e9}),
-        );
-    }
+    embed_table(&gemm, &workloads, &ours, &theirs, &mut json);
     json.insert("train".into(), train_json.into());
     json.insert(
         "metrics_seconds".into(),

@@ -328,6 +328,55 @@ impl RunState<'_> {
         anyhow::anyhow!("{e}; training stopped. {kept}")
     }
 
+    /// Before the first step (the lead's part): a new run's step-0 evaluation, and the test
+    /// of a run that already has all its steps.
+    fn begin(&mut self, trainer: &Trainer, start: usize) -> Result<()> {
+        let Some(rec) = self.report.as_mut() else {
+            return Ok(());
+        };
+        let dir = self.cfg.out();
+        if start == 0 && self.cfg.run.zero_shot && self.record.start.is_none() {
+            self.evaluator.zero_shot(trainer, &mut self.record)?;
+            rec.lap(Phase::ZeroShot);
+            rec.refresh(dir);
+        }
+        if start >= self.plan.total {
+            eprintln!("the run already has {start} of {} steps", self.plan.total);
+            self.evaluator
+                .final_test(trainer, &mut self.record, start)?;
+            rec.lap(Phase::Test);
+            rec.refresh(dir);
+        }
+        Ok(())
+    }
+
+    /// After the last step (the lead's part): test with the best adapters, or how to go on.
+    fn finish(&mut self, trainer: &Trainer, outcome: &Outcome) -> Result<()> {
+        self.pb.finish();
+        let Some(rec) = self.report.as_mut() else {
+            return Ok(());
+        };
+        let dir = self.cfg.out();
+        match outcome {
+            Outcome::Finished { steps } => {
+                eprintln!(
+                    "finished {steps} steps: {}",
+                    dir.join("adapters.safetensors").display()
+                );
+                self.evaluator
+                    .final_test(trainer, &mut self.record, *steps)?;
+                rec.lap(Phase::Test);
+                rec.refresh(dir);
+                eprintln!("report: {}", dir.join("report.html").display());
+            }
+            Outcome::Stopped { step } => eprintln!(
+                "stopped after step {step}; continue with `harma train --resume {}`",
+                dir.display()
+            ),
+        }
+        Ok(())
+    }
+
     /// After step `k` (0-based): log it, evaluate val and save where due. Returns whether to
     /// go on.
     fn after_step(
@@ -476,40 +525,10 @@ fn run_rank(
     let compute = cfg.compute.compute()?;
     eprintln!("device: {}", compute.describe());
     crate::model::check_vocab(&data.ids, &clip)?;
-
-    let (clip, model, in_checkpoint) =
-        crate::model::load_backbone(cfg.init(), &cfg.model.backbone.arch, &compute)?;
-    let acfg = cfg.adapters();
-    let fresh = cfg.model.backbone.adapters.is_none() && in_checkpoint.is_empty();
-    let tensors = starting_adapters(cfg, in_checkpoint, &clip, &acfg, &compute)?;
+    let (mut trainer, clip, fresh) = build_trainer(cfg, &data.plan, &compute, &coll)?;
     let plan = &data.plan;
-    if !plan.batch.is_multiple_of(world) {
-        bail!(
-            "--batch-size {} does not split over {world} ranks: give a multiple of {world}",
-            plan.batch
-        );
-    }
-    let mut trainer = Trainer::new(model, tensors, &acfg, cfg.trainer_settings(plan.total))?
-        .on_ranks(coll.clone());
+    let (start, record) = restore(cfg, resume, lead, &mut trainer, plan)?;
 
-    if lead {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let start = if resume {
-        let step = resume::restore(dir, &mut trainer, plan.n_pairs)?;
-        if lead {
-            StepLog::truncate(dir, step)?;
-            eprintln!("resuming {} after step {step}", dir.display());
-        }
-        step
-    } else {
-        0
-    };
-    let record = if resume && lead {
-        MetricsLog::read(dir, start)?
-    } else {
-        MetricsLog::default()
-    };
     let report = if lead {
         crate::output::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
         Some(Recorder::start(cfg, &data, &compute, start, fresh, since)?)
@@ -520,7 +539,7 @@ fn run_rank(
         val: data.val.clone().filter(|_| lead),
         test: data.test.clone().filter(|_| lead),
         tokenizer,
-        acfg,
+        acfg: cfg.adapters(),
         cfg,
     };
     let mut state = RunState {
@@ -538,35 +557,21 @@ fn run_rank(
         timer: std::time::Instant::now(),
         report,
     };
-    if let Some(rec) = state.report.as_mut() {
-        if start == 0 && cfg.run.zero_shot && state.record.start.is_none() {
-            state.evaluator.zero_shot(&trainer, &mut state.record)?;
-            rec.lap(Phase::ZeroShot);
-            rec.refresh(dir);
-        }
-        if start >= plan.total {
-            eprintln!("the run already has {start} of {} steps", plan.total);
-            state
-                .evaluator
-                .final_test(&trainer, &mut state.record, start)?;
-            rec.lap(Phase::Test);
-            rec.refresh(dir);
-        }
-    }
+    state.begin(&trainer, start)?;
     if start >= plan.total {
         return Ok(Outcome::Finished { steps: start });
     }
     if lead {
+        let ranks = if world > 1 {
+            format!(" over {world} ranks")
+        } else {
+            String::new()
+        };
         eprintln!(
-            "training {} pairs ({} images), batch {}{}, {} steps ({} per epoch)",
+            "training {} pairs ({} images), batch {}{ranks}, {} steps ({} per epoch)",
             plan.n_pairs,
             data.images(),
             plan.batch,
-            if world > 1 {
-                format!(" over {world} ranks")
-            } else {
-                String::new()
-            },
             plan.total,
             plan.steps_per_epoch
         );
@@ -594,13 +599,7 @@ fn run_rank(
             let done = report.step;
             let stop = control.stop.load(Ordering::SeqCst)
                 || control.stop_after.is_some_and(|s| done >= s);
-            // every rank stops after the same step: when any rank is asked to
-            let stop = if world > 1 {
-                let flag = Tensor::new(&[stop as u8 as f32], &candle_core::Device::Cpu)?;
-                coll.all_reduce_sum(&[flag])?[0].to_vec1::<f32>()?[0] > 0.0
-            } else {
-                stop
-            };
+            let stop = any_rank(coll.as_ref(), stop)?;
             let go_on = state.after_step(&trainer, k, &report, pairs, stop)?;
             if !go_on {
                 outcome = Outcome::Stopped { step: done };
@@ -608,30 +607,67 @@ fn run_rank(
             Ok(go_on)
         },
     )?;
-    state.pb.finish();
-    let Some(rec) = state.report.as_mut() else {
-        // not the lead
-        return Ok(outcome);
-    };
-    match &outcome {
-        Outcome::Finished { steps } => {
-            eprintln!(
-                "finished {steps} steps: {}",
-                dir.join("adapters.safetensors").display()
-            );
-            state
-                .evaluator
-                .final_test(&trainer, &mut state.record, *steps)?;
-            rec.lap(Phase::Test);
-            rec.refresh(dir);
-            eprintln!("report: {}", dir.join("report.html").display());
-        }
-        Outcome::Stopped { step } => eprintln!(
-            "stopped after step {step}; continue with `harma train --resume {}`",
-            dir.display()
-        ),
-    }
+    state.finish(&trainer, &outcome)?;
     Ok(outcome)
+}
+
+/// The backbone, the starting adapters and the `Trainer` over `coll`'s ranks; also the
+/// backbone's sizes and whether the adapters are fresh.
+fn build_trainer(
+    cfg: &TrainConfig,
+    plan: &BatchPlan,
+    compute: &harma_clip::Compute,
+    coll: &Arc<dyn Collective>,
+) -> Result<(Trainer, ClipConfig, bool)> {
+    let (clip, model, in_checkpoint) =
+        crate::model::load_backbone(cfg.init(), &cfg.model.backbone.arch, compute)?;
+    let acfg = cfg.adapters();
+    let fresh = cfg.model.backbone.adapters.is_none() && in_checkpoint.is_empty();
+    let tensors = starting_adapters(cfg, in_checkpoint, &clip, &acfg, compute)?;
+    let world = coll.world();
+    if !plan.batch.is_multiple_of(world) {
+        bail!(
+            "--batch-size {} does not split over {world} ranks: give a multiple of {world}",
+            plan.batch
+        );
+    }
+    let trainer = Trainer::new(model, tensors, &acfg, cfg.trainer_settings(plan.total))?
+        .on_ranks(coll.clone());
+    Ok((trainer, clip, fresh))
+}
+
+/// The step a run starts after (its checkpoint restored into `trainer` when resuming) and its
+/// metrics so far (the lead's; the other ranks keep none).
+fn restore(
+    cfg: &TrainConfig,
+    resume: bool,
+    lead: bool,
+    trainer: &mut Trainer,
+    plan: &BatchPlan,
+) -> Result<(usize, MetricsLog)> {
+    let dir = cfg.out();
+    if lead {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if !resume {
+        return Ok((0, MetricsLog::default()));
+    }
+    let step = resume::restore(dir, trainer, plan.n_pairs)?;
+    if !lead {
+        return Ok((step, MetricsLog::default()));
+    }
+    StepLog::truncate(dir, step)?;
+    eprintln!("resuming {} after step {step}", dir.display());
+    Ok((step, MetricsLog::read(dir, step)?))
+}
+
+/// Whether any rank says `stop`, so that every rank stops after the same step.
+fn any_rank(coll: &dyn Collective, stop: bool) -> Result<bool> {
+    if coll.world() == 1 {
+        return Ok(stop);
+    }
+    let flag = Tensor::new(&[stop as u8 as f32], &candle_core::Device::Cpu)?;
+    Ok(coll.all_reduce_sum(&[flag])?[0].to_vec1::<f32>()?[0] > 0.0)
 }
 
 /// A [`Control`] whose stop Ctrl-C sets (a second Ctrl-C exits at once).
