@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask bench`, `fetch-data`, `build-cuda`, `gpu-check`. One module per
+//! Project tasks: `cargo xtask bench`, `bench-search`, `fetch-data`, `build-cuda`, `gpu-check`. One module per
 //! command.
 
 mod bench;
+mod bench_search;
 mod cuda;
 mod fetch;
 mod gpucheck;
+mod search_demo;
 mod workloads;
 
 // Candle allocates a fresh buffer per op; mimalloc reuses freed pages where glibc returns
@@ -25,6 +27,11 @@ struct Cli {
 enum Command {
     /// Time the workloads at ViT-B/32 size with random weights; optionally PyTorch beside us
     Bench(bench::Args),
+    /// Search: index build vs embed throughput, query latency exact vs HNSW at 10k-1M entries,
+    /// recall@10 (docs/SEARCH.md)
+    BenchSearch(bench_search::Args),
+    /// A small archive and a tiny random model to index and serve, offline
+    SearchDemo(search_demo::Args),
     /// Download models and datasets into the data/ layout (docs/DATA.md, docs/SOURCES.md)
     FetchData(fetch::Args),
     /// Build CUDA binaries of harma and xtask on a machine without a GPU (docs/CUDA.md)
@@ -73,6 +80,8 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchStep(args) => bench::run_step(&args),
+        Command::BenchSearch(args) => bench_search::run(&args),
+        Command::SearchDemo(args) => search_demo::run(&args),
         Command::FetchData(args) => fetch::run(&args),
         Command::BuildCuda(args) => cuda::run(&args),
         Command::GpuCheck(args) => gpucheck::run(&args),
