@@ -7,6 +7,21 @@ const { chromium } = require("playwright-core");
 const [url, shot, exe] = process.argv.slice(2);
 const fail = (msg) => { console.error("FAIL: " + msg); process.exit(1); };
 
+// thumbnails load lazily: scroll them all into view, wait until each is decoded, scroll back
+async function allThumbnails(page) {
+  const n = await page.locator("#grid img").count();
+  for (let i = 0; i < n; i++) await page.locator("#grid img").nth(i).scrollIntoViewIfNeeded();
+  try {
+    await page.waitForFunction(() => [...document.querySelectorAll("#grid img")]
+      .every((i) => i.complete && i.naturalWidth > 0), null, { timeout: 30000 });
+  } catch (e) {
+    const state = await page.evaluate(() => [...document.querySelectorAll("#grid img")]
+      .filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.src + " " + i.complete));
+    fail("thumbnails not loaded: " + state.join(", "));
+  }
+  await page.evaluate(() => window.scrollTo(0, 0));
+}
+
 const browser = await chromium.launch({
   executablePath: exe,
   headless: true,
@@ -27,8 +42,7 @@ try {
   await page.press("#q", "Enter");
   await page.waitForFunction(() => document.querySelectorAll("#grid .tile").length > 0);
   // every thumbnail decoded
-  await page.waitForFunction(() => [...document.querySelectorAll("#grid img")]
-    .every((i) => i.complete && i.naturalWidth > 0), null, { timeout: 30000 });
+  await allThumbnails(page);
   const grid = await page.evaluate(() => [...document.querySelectorAll("#grid .tile")].map((t) => ({
     id: t.dataset.id,
     score: t.querySelector(".score").textContent,
@@ -51,9 +65,8 @@ try {
   // more like this: the clicked tile comes back first, with score 1
   const first = grid[3];
   await page.click(`#grid .tile[data-id="${first.id}"]`);
-  await page.waitForFunction(() => document.getElementById("status").textContent.includes("tiles like"));
-  await page.waitForFunction(() => [...document.querySelectorAll("#grid img")]
-    .every((i) => i.complete && i.naturalWidth > 0), null, { timeout: 30000 });
+  await page.waitForFunction(() => document.getElementById("status").textContent.includes("results for tiles like"));
+  await allThumbnails(page);
   const like = await page.evaluate(() => {
     const t = document.querySelector("#grid .tile");
     return { id: t.dataset.id, score: t.querySelector(".score").textContent };

@@ -26,10 +26,12 @@ if [ ! -d "$driver/node_modules/playwright-core" ]; then
   (cd "$driver" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1)
 fi
 
-cargo build --release -p harma-train -p xtask
-harma=target/release/harma
+# HARMA_PROFILE=debug uses the test build instead of building a release
+profile=${HARMA_PROFILE:-release}
+if [ "$profile" = release ]; then cargo build --release -p harma-train -p xtask; fi
+harma=target/$profile/harma
 rm -rf "$out/archive" "$out/index"
-target/release/xtask search-demo --out "$out/archive" --images 24 >/dev/null
+"target/$profile/xtask" search-demo --out "$out/archive" --images 24 >/dev/null
 "$harma" index build --model "$out/archive/model.safetensors" --arch tiny-quickgelu \
   --images "$out/archive/images" --out "$out/index" --tile 256
 

@@ -12,7 +12,10 @@
 //! JSON `{"error": ...}` that says what was wrong.
 
 use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use harma_data::raster::{crop, load_raster, Bands};
@@ -307,32 +310,110 @@ impl App {
 }
 
 /// Listen on `addr` (`host:port`; port 0 picks a free one).
-pub fn bind(addr: &str) -> Result<tiny_http::Server> {
-    tiny_http::Server::http(addr).map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))
+pub fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))
 }
 
-/// Answer requests on `server` with `threads` threads until `server.unblock()` is called once
-/// per thread.
-pub fn run(app: Arc<App>, server: Arc<tiny_http::Server>, threads: usize) {
+/// The longest request head (request line and headers) read.
+const MAX_HEAD: usize = 16 * 1024;
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Request Header Fields Too Large",
+        _ => "Internal Server Error",
+    }
+}
+
+/// The request line of one HTTP/1.x request read from `stream` (the headers are read and
+/// ignored; GET has no body), or the error reply to send.
+fn read_request(stream: &mut TcpStream) -> std::result::Result<(String, String), Reply> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return Err(Reply::error(413, "request head too long"));
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return Err(Reply::error(400, "incomplete request")),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line =
+        std::str::from_utf8(line).map_err(|_| Reply::error(400, "request line is not UTF-8"))?;
+    let parts: Vec<&str> = line.split(' ').collect();
+    match parts.as_slice() {
+        [method, target, version] if version.starts_with("HTTP/1.") => {
+            Ok((method.to_string(), target.to_string()))
+        }
+        _ => Err(Reply::error(400, "malformed request line")),
+    }
+}
+
+fn write_reply(stream: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
+         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n",
+        reply.status,
+        reason(reply.status),
+        reply.content_type,
+        reply.body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&reply.body)?;
+    stream.flush()
+}
+
+/// Answer requests on `listener` with `threads` threads, one request per connection
+/// (`Connection: close`), until `stop` is set (and one more connection wakes the listener);
+/// `log` prints a line per request (method, target, status, time) to stderr.
+pub fn run(app: Arc<App>, listener: TcpListener, threads: usize, log: bool, stop: &AtomicBool) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<TcpStream>(64);
+    let rx = Mutex::new(rx);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
-            let (app, server) = (app.clone(), server.clone());
-            s.spawn(move || {
-                while let Ok(req) = server.recv() {
-                    let reply = app.handle(req.method().as_str(), req.url());
-                    let header = |k: &str, v: &str| {
-                        tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes())
-                            .expect("valid header")
-                    };
-                    let resp = tiny_http::Response::from_data(reply.body)
-                        .with_status_code(reply.status)
-                        .with_header(header("Content-Type", reply.content_type))
-                        .with_header(header("X-Content-Type-Options", "nosniff"))
-                        .with_header(header("Cache-Control", "no-store"));
-                    // a client that went away is not our error
-                    let _ = req.respond(resp);
+            let (app, rx) = (app.clone(), &rx);
+            s.spawn(move || loop {
+                let next = rx.lock().expect("queue lock").recv();
+                let Ok(mut stream) = next else { return };
+                let timeout = Some(std::time::Duration::from_secs(10));
+                let _ = stream.set_read_timeout(timeout);
+                let _ = stream.set_write_timeout(timeout);
+                let start = std::time::Instant::now();
+                let (target, reply) = match read_request(&mut stream) {
+                    Ok((method, target)) => {
+                        let reply = app.handle(&method, &target);
+                        (format!("{method} {target}"), reply)
+                    }
+                    Err(reply) => ("(bad request)".to_string(), reply),
+                };
+                if log {
+                    eprintln!(
+                        "{target} {} {:.1} ms",
+                        reply.status,
+                        start.elapsed().as_secs_f64() * 1e3
+                    );
                 }
+                // a client that went away is not our error
+                let _ = write_reply(&mut stream, &reply);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
             });
         }
+        for stream in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(stream) = stream {
+                if tx.send(stream).is_err() {
+                    break;
+                }
+            }
+        }
+        drop(tx);
     });
 }

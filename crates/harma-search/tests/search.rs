@@ -405,12 +405,13 @@ fn requests_never_read_outside_the_indexed_folder() {
     std::fs::write(dir.join("secret.txt"), "TOP SECRET").unwrap();
     #[cfg(unix)]
     std::os::unix::fs::symlink(&secret, images.join("link.png")).unwrap();
-    let server = Arc::new(serve::bind("127.0.0.1:0").unwrap());
-    let addr = server.server_addr().to_ip().unwrap();
+    let listener = serve::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
     let app = Arc::new(app);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handle = {
-        let (app, server) = (app.clone(), server.clone());
-        std::thread::spawn(move || serve::run(app, server, 1))
+        let (app, stop) = (app.clone(), stop.clone());
+        std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
     };
     let leaks = |body: &[u8]| {
         let text = String::from_utf8_lossy(body);
@@ -437,6 +438,18 @@ fn requests_never_read_outside_the_indexed_folder() {
         let (status, body) = raw_request(addr, target);
         assert!((400..500).contains(&status), "{target}: {status}");
         assert!(!leaks(&body), "{target}");
+    }
+    // malformed or oversized requests are refused, and the server goes on
+    for raw in [
+        "GARBAGE\r\n\r\n".to_string(),
+        format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(20000)),
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 4"), "{text}");
     }
     // a good request through the same server
     let (status, body) = raw_request(addr, "/api/search?q=axis+2&k=1");
@@ -487,7 +500,8 @@ fn requests_never_read_outside_the_indexed_folder() {
     .unwrap();
     let (status, _) = raw_request(addr, &format!("/api/tile/{a_tile}.png"));
     assert_eq!(status, 404);
-    server.unblock();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(addr);
     handle.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -194,6 +194,9 @@ pub struct ServeArgs {
     /// The images folder, if it moved since the index was built
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// Print a line per request (method, target, status, milliseconds) to stderr
+    #[arg(long)]
+    pub log: bool,
     /// Threads answering requests
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub threads: u64,
@@ -212,12 +215,19 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
     };
     let app = App::new(index, args.images.clone(), embed)
         .with_context(|| format!("cannot serve {}", args.index.display()))?;
-    let server = Arc::new(serve::bind(&args.addr)?);
+    let listener = serve::bind(&args.addr)?;
     eprintln!(
         "serving {} ({tiles} tiles from {files} files) on http://{} (Ctrl-C stops)",
         args.index.display(),
-        server.server_addr()
+        listener.local_addr()?
     );
-    serve::run(Arc::new(app), server, args.threads as usize);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    serve::run(
+        Arc::new(app),
+        listener,
+        args.threads as usize,
+        args.log,
+        &never,
+    );
     Ok(())
 }
