@@ -1,14 +1,16 @@
-//! Project tasks: `cargo xtask bench`, `fetch-data`, `reproduce`, `build-cuda`, `gpu-check`.
-//! One module per command.
+//! Project tasks: `cargo xtask bench`, `bench-search`, `search-demo`, `fetch-data`,
+//! `reproduce`, `build-cuda`, `gpu-check`. One module per command.
 
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_search;
 mod cuda;
 mod distcheck;
 mod fetch;
 mod gpucheck;
 mod reproduce;
+mod search_demo;
 mod workloads;
 
 // Candle allocates a fresh buffer per op; mimalloc reuses freed pages where glibc returns
@@ -29,6 +31,11 @@ struct Cli {
 enum Command {
     /// Time the workloads at ViT-B/32 size with random weights; optionally PyTorch beside us
     Bench(bench::Args),
+    /// Search: index build vs embed throughput, query latency exact vs HNSW at 10k-1M entries,
+    /// recall@10 (docs/SEARCH.md)
+    BenchSearch(bench_search::Args),
+    /// A small archive and a tiny random model to index and serve, offline
+    SearchDemo(search_demo::Args),
     /// Download models and datasets into the data/ layout (docs/DATA.md, docs/SOURCES.md)
     FetchData(fetch::Args),
     /// The paper's experiment in one command: fetch, zero-shot, train with the original's
@@ -85,6 +92,8 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchStep(args) => bench::run_step(&args),
+        Command::BenchSearch(args) => bench_search::run(&args),
+        Command::SearchDemo(args) => search_demo::run(&args),
         Command::FetchData(args) => fetch::run(&args),
         Command::Reproduce(args) => reproduce::run(&args),
         Command::BuildCuda(args) => cuda::run(&args),

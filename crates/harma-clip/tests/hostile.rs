@@ -18,6 +18,14 @@ static MEMORY: CountingAlloc = CountingAlloc::new();
 /// The most a load may take above what was live before it (the fixtures are at most 2.4 MB).
 const BUDGET: usize = 64 << 20;
 
+/// The counter sees every thread of the process: the tests take turns, or one test's
+/// allocations would be counted against another's load.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -276,6 +284,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn thousands_of_mutated_checkpoints_neither_panic_nor_exceed_the_budget() {
+    let _turn = one_at_a_time();
     let dir = temp_dir("mutations");
     let (mut cases, mut refused, mut worst) = (0usize, 0usize, 0usize);
     for (file, cfg) in fixture_files() {
@@ -393,6 +402,7 @@ fn torch_zip(pickle: Vec<u8>, storages: &[Vec<u8>], deflate: bool) -> Vec<u8> {
 
 #[test]
 fn each_crafted_checkpoint_is_refused_with_a_clear_error() {
+    let _turn = one_at_a_time();
     let dir = temp_dir("crafted");
     let cfg = ClipConfig::preset(fixtures().join("tiny/config.json").to_str().unwrap()).unwrap();
     let floats = |n: usize| vec![0u8; 4 * n];

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{config, demo, embed, eval, report, train};
+use crate::{config, demo, embed, eval, index, report, search, train};
 
 /// harma: HarMA remote-sensing image-text retrieval (CLIP ViT-B/32 + adapters) on Candle.
 #[derive(Debug, Parser)]
@@ -70,6 +70,25 @@ pub enum Command {
     ///
     /// harma report runs/adaptive --compare runs/no-triplet --out runs
     Report(report::Args),
+    /// Build a search index of an image archive (tiles, embeddings, georeferencing).
+    ///
+    /// Example (a folder of GeoTIFFs, 256-pixel tiles):
+    ///
+    /// harma index build --model RS5M_ViT-B-32_RET-2.pt --images archive/ --out archive.index
+    Index(index::IndexArgs),
+    /// Search an index by text (or by an image with --image): ranked tiles with score, file,
+    /// pixel box and, for georeferenced rasters, the box in their CRS.
+    ///
+    /// Example: harma search archive.index "a harbour with many boats next to a bridge" -k 20
+    ///
+    /// Into QGIS: harma search archive.index "an airport runway" --geojson > runways.geojson
+    Search(Box<search::SearchArgs>),
+    /// Serve a web page to search an index: a search box, a grid of result tiles (click one for
+    /// more like it), and the JSON API behind it (GET /api/search?q=TEXT&k=20,
+    /// /api/search?like=TILE_ID, /api/tile/ID.png, /api/info).
+    ///
+    /// Example: harma serve archive.index, then open http://127.0.0.1:8080
+    Serve(Box<search::ServeArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -79,6 +98,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Demo(args)) => demo::run(&args),
         Some(Command::Report(args)) => report::run(&args),
+        Some(Command::Index(args)) => index::run(&args),
+        Some(Command::Search(args)) => search::run_search(&args),
+        Some(Command::Serve(args)) => search::run_serve(&args),
         None => default_run(),
     }
 }

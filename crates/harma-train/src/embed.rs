@@ -24,6 +24,12 @@ pub struct Args {
     /// as a JSON list (`image_names`), in the order of the rows
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
+    /// Bands of multi-band rasters to show the model as red,green,blue (1-based, as GDAL
+    /// counts; one band is shown as grey), e.g. 4,3,2 for Sentinel-2; as `harma index build
+    /// --bands`. Samples wider than 8 bits are stretched per band from their 2nd to 98th
+    /// percentile
+    #[arg(long, value_name = "R,G,B")]
+    pub bands: Option<harma_data::raster::Bands>,
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
@@ -87,10 +93,13 @@ pub fn run(args: &Args) -> Result<()> {
             .as_ref()
             .map_or("none".to_string(), |p| p.display().to_string()),
     );
+    if let Some(b) = &args.bands {
+        meta.insert("bands".to_string(), b.to_string());
+    }
     if let Some(files) = &files {
         let pb = progress(files.len(), "images");
         let start = std::time::Instant::now();
-        let (t, _) = encoder.images(files, &pb)?;
+        let (t, _) = encoder.images_bands(files, args.bands.as_ref(), &pb)?;
         pb.finish();
         report(files.len(), "images", start);
         let (names, lossy) = image_names(files);

@@ -84,6 +84,17 @@ impl Encoder<'_> {
     /// L2-normalised embeddings of image files [n, dim]; decoding runs on a second thread one
     /// batch ahead of the model. Returns where the time went too.
     pub fn images(&self, files: &[PathBuf], pb: &ProgressBar) -> Result<(Tensor, Busy)> {
+        self.images_bands(files, None, pb)
+    }
+
+    /// [`Encoder::images`] with `bands` picked from multi-band rasters
+    /// (harma_data::raster::load_raster), the whole image resized as one tile.
+    pub fn images_bands(
+        &self,
+        files: &[PathBuf],
+        bands: Option<&harma_data::raster::Bands>,
+        pb: &ProgressBar,
+    ) -> Result<(Tensor, Busy)> {
         let size = self.model.config.vision.image_size;
         let device = &self.model.compute.device;
         let chunks: Vec<&[PathBuf]> = files.chunks(self.batch).collect();
@@ -98,7 +109,11 @@ impl Encoder<'_> {
                 let t = std::time::Instant::now();
                 let pixels = chunks[i]
                     .par_iter()
-                    .map(|p| harma_data::preprocess_eval(p, size))
+                    .map(|p| match bands {
+                        None => harma_data::preprocess_eval(p, size),
+                        Some(b) => harma_data::raster::load_raster(p, Some(b))
+                            .map(|img| harma_data::raster::preprocess_whole(&img, size)),
+                    })
                     .collect::<std::result::Result<Vec<Vec<f32>>, _>>()?;
                 let ns = t.elapsed().as_nanos() as u64;
                 decode_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);

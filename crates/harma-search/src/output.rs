@@ -1,0 +1,165 @@
+//! Search results for people and programs: ranked rows with the tile's file, pixel box and,
+//! where georeferenced, its box in its CRS; as a table, JSON, or a GeoJSON FeatureCollection.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::exact::Hit;
+use crate::store::{Index, TileInfo};
+use crate::Result;
+
+/// One result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ranked {
+    pub rank: usize,
+    pub score: f32,
+    #[serde(flatten)]
+    pub tile: TileInfo,
+}
+
+/// The stored tiles of `hits`, ranked from 1.
+pub fn ranked(index: &Index, hits: &[Hit]) -> Result<Vec<Ranked>> {
+    let ids: Vec<i64> = hits.iter().map(|h| h.id).collect();
+    let tiles = index.tiles(&ids)?;
+    Ok(hits
+        .iter()
+        .zip(tiles)
+        .enumerate()
+        .map(|(i, (h, tile))| Ranked {
+            rank: i + 1,
+            score: h.score,
+            tile,
+        })
+        .collect())
+}
+
+/// A plain-text table, one line per result.
+pub fn table(results: &[Ranked]) -> String {
+    let mut s = format!(
+        "{:>4} {:>7}  {:<40} {:<22} {}\n",
+        "rank", "score", "file", "tile (x,y wxh)", "box in CRS"
+    );
+    for r in results {
+        let t = &r.tile.tile;
+        let geo = match (r.tile.bbox, r.tile.epsg) {
+            (Some(b), epsg) => format!(
+                "[{:.3}, {:.3}, {:.3}, {:.3}] {}",
+                b[0],
+                b[1],
+                b[2],
+                b[3],
+                epsg.map_or("(no EPSG code)".to_string(), |e| format!("EPSG:{e}"))
+            ),
+            (None, _) => "-".into(),
+        };
+        s += &format!(
+            "{:>4} {:>7.4}  {:<40} {:<22} {}\n",
+            r.rank,
+            r.score,
+            r.tile.file,
+            format!("{},{} {}x{}", t.x, t.y, t.w, t.h),
+            geo
+        );
+    }
+    s
+}
+
+/// A GeoJSON FeatureCollection: each result a Polygon (its box) with its rank, score, file and
+/// pixel box as properties. Results without georeferencing have a null geometry. When every
+/// georeferenced result shares one EPSG code the collection names it in a `crs` member (the
+/// 2008 GeoJSON form, which GDAL and so QGIS read; RFC 7946 has no other way to say it);
+/// results in another CRS than the first's also get a null geometry, their box in properties.
+pub fn geojson(results: &[Ranked]) -> Value {
+    let crs = results
+        .iter()
+        .find(|r| r.tile.bbox.is_some())
+        .map(|r| r.tile.epsg);
+    let features: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            let t = &r.tile;
+            let geometry = match t.bbox {
+                Some([x0, y0, x1, y1]) if Some(t.epsg) == crs => json!({
+                    "type": "Polygon",
+                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                }),
+                _ => Value::Null,
+            };
+            json!({
+                "type": "Feature",
+                "id": t.id,
+                "geometry": geometry,
+                "properties": {
+                    "rank": r.rank,
+                    "score": r.score,
+                    "tile_id": t.id,
+                    "file": t.file,
+                    "x": t.tile.x, "y": t.tile.y, "w": t.tile.w, "h": t.tile.h,
+                    "edge": t.tile.edge,
+                    "epsg": t.epsg,
+                    "bbox": t.bbox,
+                },
+            })
+        })
+        .collect();
+    let mut fc = json!({ "type": "FeatureCollection", "features": features });
+    if let Some(Some(epsg)) = crs {
+        fc["crs"] = json!({ "type": "name", "properties": { "name": format!("EPSG:{epsg}") } });
+    }
+    fc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harma_data::raster::Tile;
+
+    fn r(rank: usize, bbox: Option<[f64; 4]>, epsg: Option<u32>) -> Ranked {
+        Ranked {
+            rank,
+            score: 0.5,
+            tile: TileInfo {
+                id: rank as i64,
+                file: format!("f{rank}.tif"),
+                tile: Tile {
+                    x: 0,
+                    y: 256,
+                    w: 256,
+                    h: 256,
+                    edge: 0,
+                },
+                bbox,
+                epsg,
+            },
+        }
+    }
+
+    #[test]
+    fn geojson_boxes_in_one_crs() {
+        let fc = geojson(&[
+            r(1, Some([10.0, 20.0, 30.0, 40.0]), Some(32633)),
+            r(2, None, None),
+            r(3, Some([0.0, 0.0, 1.0, 1.0]), Some(4326)),
+        ]);
+        assert_eq!(fc["crs"]["properties"]["name"], "EPSG:32633");
+        let f = fc["features"].as_array().unwrap();
+        assert_eq!(
+            f[0]["geometry"]["coordinates"][0],
+            json!([
+                [10.0, 20.0],
+                [30.0, 20.0],
+                [30.0, 40.0],
+                [10.0, 40.0],
+                [10.0, 20.0]
+            ])
+        );
+        assert!(f[1]["geometry"].is_null() && f[2]["geometry"].is_null());
+        assert_eq!(f[2]["properties"]["epsg"], 4326);
+        assert_eq!(f[0]["properties"]["y"], 256);
+        let t = table(&[r(1, Some([10.0, 20.0, 30.0, 40.0]), Some(32633))]);
+        assert!(
+            t.contains("EPSG:32633") && t.contains("0,256 256x256"),
+            "{t}"
+        );
+    }
+}

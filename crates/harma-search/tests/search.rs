@@ -1,0 +1,507 @@
+//! The store (transactions, interrupted batches, incremental updates, compaction) and the web
+//! API (200s, 4xx, path traversal) on a small index made here from generated images and
+//! chosen vectors; the model is replaced by a fixed text -> vector map.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use harma_data::raster::{crop, tile_grid, Tile};
+use harma_data::RgbImage;
+use harma_search::serve::{self, App};
+use harma_search::store::{FileId, FileUpdate, Found, NewTile, Settings};
+use harma_search::{Index, Writer};
+
+const DIM: usize = 8;
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("harma-search-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn settings(images: &Path) -> Settings {
+    let id = FileId {
+        path: images.join("model.safetensors"),
+        sha256: "ab".repeat(32),
+        size: 1,
+        mtime_ns: 1,
+    };
+    Settings {
+        images: images.canonicalize().unwrap(),
+        model: id,
+        adapters: None,
+        arch: "tiny".into(),
+        arch_config: serde_json::json!({"embed_dim": DIM}),
+        sharing: "text".into(),
+        dim: DIM,
+        image_size: 32,
+        tile: 32,
+        stride: 32,
+        bands: None,
+    }
+}
+
+fn same(a: &Settings, b: &Settings) -> Result<(), String> {
+    if a == b {
+        Ok(())
+    } else {
+        Err("different settings".into())
+    }
+}
+
+/// A unit vector along axis `i % DIM`, tilted by `j` so every tile's vector differs.
+fn unit(i: usize, j: usize) -> Vec<f32> {
+    let mut v = [0.0f32; DIM];
+    v[i % DIM] = 1.0;
+    v[(i + 1) % DIM] = 0.01 * j as f32;
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+/// A test image whose pixels encode their position.
+fn picture(w: usize, h: usize, seed: u8) -> RgbImage {
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            data.extend_from_slice(&[(x * 3) as u8, (y * 5) as u8, seed]);
+        }
+    }
+    RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
+}
+
+fn save_png(path: &Path, img: &RgbImage) {
+    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+/// Add every tile of `files` (rel, w, h) in batches of `batch`; the vector of the n-th tile
+/// overall is `unit(n, file index)`. Returns the tile count.
+fn fill(w: &mut Writer, images: &Path, files: &[(&str, usize, usize)], batch: usize) -> usize {
+    let found: Vec<Found> = files
+        .iter()
+        .map(|(rel, ..)| {
+            let (size, mtime_ns) = harma_search::store::stat(&images.join(rel)).unwrap();
+            Found {
+                rel: rel.to_string(),
+                size,
+                mtime_ns,
+            }
+        })
+        .collect();
+    let (pending, _) = w.sync_files(&found).unwrap();
+    let mut all = Vec::new();
+    for p in &pending {
+        let (_, fw, fh) = files.iter().find(|f| f.0 == p.rel).unwrap();
+        let grid = tile_grid(*fw, *fh, 32, 32);
+        for (seq, t) in grid.iter().enumerate().skip(p.tiles_done) {
+            all.push((p.file_id, seq, *t, grid.len(), *fw, *fh));
+        }
+    }
+    let mut n = 0;
+    for chunk in all.chunks(batch) {
+        let tiles: Vec<NewTile> = chunk
+            .iter()
+            .map(|c| NewTile {
+                file_id: c.0,
+                seq: c.1,
+                tile: c.2,
+            })
+            .collect();
+        let vectors: Vec<f32> = chunk
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| unit(n + i, c.0 as usize))
+            .collect();
+        let updates: Vec<FileUpdate> = chunk
+            .iter()
+            .filter(|c| c.1 == 0)
+            .map(|c| FileUpdate {
+                file_id: c.0,
+                width: c.4,
+                height: c.5,
+                n_tiles: c.3,
+                geo: None,
+            })
+            .collect();
+        let done: Vec<i64> = chunk
+            .iter()
+            .filter(|c| c.1 + 1 == c.3)
+            .map(|c| c.0)
+            .collect();
+        w.append(&tiles, &vectors, &updates, &done).unwrap();
+        n += chunk.len();
+    }
+    n
+}
+
+#[test]
+fn torn_batches_are_ignored_and_updates_are_incremental() {
+    let dir = temp("store");
+    let images = dir.join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    save_png(&images.join("a.png"), &picture(64, 64, 1)); // 4 tiles
+    save_png(&images.join("sub/b.png"), &picture(80, 32, 2)); // 3 tiles (one edge)
+    let out = dir.join("index");
+    let s = settings(&images);
+    let files = [("a.png", 64, 64), ("sub/b.png", 80, 32)];
+    let mut w = Writer::open(&out, &s, same).unwrap();
+    assert_eq!(fill(&mut w, &images, &files, 3), 7);
+    drop(w);
+    let before = Index::open(&out).unwrap().vectors().unwrap();
+    assert_eq!(before.len(), 7);
+    assert_eq!(before.get(before.ids[2]).unwrap(), unit(2, 1).as_slice());
+
+    // an interrupted batch: its vectors written, never committed
+    let vfile = out.join("vectors-0.f32");
+    let committed = std::fs::metadata(&vfile).unwrap().len();
+    assert_eq!(committed, 7 * DIM as u64 * 4);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&vfile)
+        .unwrap()
+        .write_all(&[7u8; 100])
+        .unwrap();
+    let seen = Index::open(&out).unwrap().vectors().unwrap();
+    assert_eq!(
+        (seen.ids.clone(), seen.data.clone()),
+        (before.ids.clone(), before.data.clone())
+    );
+    // the next writer cuts the tail off; nothing is left to do
+    let mut w = Writer::open(&out, &s, same).unwrap();
+    assert_eq!(std::fs::metadata(&vfile).unwrap().len(), committed);
+    assert_eq!(fill(&mut w, &images, &files, 3), 0);
+
+    // a different model is refused
+    let mut other = s.clone();
+    other.model.sha256 = "cd".repeat(32);
+    drop(w);
+    let e = Writer::open(&out, &other, same).err().unwrap().to_string();
+    assert!(e.contains("different settings"), "{e}");
+
+    // b changes, a leftover of an interrupted compaction lies around, c is new
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    save_png(&images.join("sub/b.png"), &picture(32, 32, 9));
+    save_png(&images.join("c.png"), &picture(32, 64, 3));
+    std::fs::write(out.join("vectors-1.f32"), b"leftover").unwrap();
+    let mut w = Writer::open(&out, &s, same).unwrap();
+    assert!(!out.join("vectors-1.f32").exists());
+    let files = [("a.png", 64, 64), ("sub/b.png", 32, 32), ("c.png", 32, 64)];
+    assert_eq!(fill(&mut w, &images, &files, 2), 3);
+    assert_eq!(w.row_counts().unwrap(), (10, 7));
+    // dropping b's 3 old rows (30%) compacts into the next file
+    assert_eq!(w.compact().unwrap(), 3);
+    assert!(out.join("vectors-1.f32").exists() && !out.join("vectors-0.f32").exists());
+    drop(w);
+    let mut index = Index::open(&out).unwrap();
+    let after = index.vectors().unwrap();
+    assert_eq!(after.len(), 7);
+    // a's tiles kept their ids and vectors
+    for (r, id) in before.ids.iter().enumerate().take(4) {
+        assert_eq!(
+            after.get(*id).unwrap(),
+            &before.data[r * DIM..(r + 1) * DIM]
+        );
+    }
+    let tiles = index.tiles(&after.ids).unwrap();
+    let names: Vec<&str> = tiles.iter().map(|t| t.file.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "a.png",
+            "a.png",
+            "a.png",
+            "a.png",
+            "sub/b.png",
+            "c.png",
+            "c.png"
+        ]
+    );
+    assert_eq!(index.counts().unwrap(), (3, 0, 7));
+    // a vanished file loses its tiles
+    std::fs::remove_file(images.join("c.png")).unwrap();
+    let mut w = Writer::open(&out, &s, same).unwrap();
+    fill(&mut w, &images, &files[..2], 2);
+    assert_eq!(w.row_counts().unwrap(), (7, 5));
+    drop(w);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A served index over two images; the embedder maps "axis N" to `unit(N, 0)`.
+fn app(dir: &Path) -> (App, PathBuf) {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    save_png(&images.join("a.png"), &picture(64, 64, 1));
+    save_png(&images.join("b.png"), &picture(48, 32, 2));
+    let out = dir.join("index");
+    let mut w = Writer::open(&out, &settings(&images), same).unwrap();
+    fill(&mut w, &images, &[("a.png", 64, 64), ("b.png", 48, 32)], 4);
+    drop(w);
+    let embed: serve::TextEmbedder = Box::new(|q: &str| {
+        let n: usize = q
+            .strip_prefix("axis ")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("cannot embed {q}"))?;
+        Ok(unit(n, 0))
+    });
+    (
+        App::new(Index::open(&out).unwrap(), None, embed).unwrap(),
+        images,
+    )
+}
+
+fn json(reply: &serve::Reply) -> serde_json::Value {
+    assert_eq!(reply.content_type, "application/json");
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+#[test]
+fn json_api_answers_and_refuses() {
+    let dir = temp("api");
+    let (app, images) = app(&dir);
+    let ok = app.handle("GET", "/api/search?q=axis+3&k=2");
+    assert_eq!(ok.status, 200);
+    let j = json(&ok);
+    let r = j["results"].as_array().unwrap();
+    assert_eq!((r.len(), j["total"].as_u64()), (2, Some(6)));
+    // the 4th tile added (a.png's last) is the one along axis 3: unit(3, 1), whose score is
+    // 1 / |(1, 0.01)|
+    assert_eq!(r[0]["file"], "a.png");
+    assert_eq!(
+        (r[0]["x"].as_u64(), r[0]["y"].as_u64()),
+        (Some(32), Some(32))
+    );
+    let want = 1.0 / (1.0f64 + 1e-4).sqrt();
+    assert!((r[0]["score"].as_f64().unwrap() - want).abs() < 1e-6);
+    assert_eq!(r[0]["rank"], 1);
+    assert!(r[0]["score"].as_f64() > r[1]["score"].as_f64());
+    // more like this: a tile's own vector finds it first
+    let id = r[1]["id"].as_i64().unwrap();
+    let like = json(&app.handle("GET", &format!("/api/search?like={id}&k=1")));
+    assert_eq!(like["results"][0]["id"].as_i64(), Some(id));
+    // b.png is 48x32: two tiles, the second moved back to end at the edge
+    let b = json(&app.handle("GET", "/api/search?q=axis%205&k=1"));
+    assert_eq!(b["results"][0]["file"], "b.png");
+    assert_eq!(b["results"][0]["x"], 16);
+    assert_eq!(b["results"][0]["edge"], 1);
+    // default k
+    let all = json(&app.handle("GET", "/api/search?q=axis%201"));
+    assert_eq!(all["k"], 20);
+    assert_eq!(all["results"].as_array().unwrap().len(), 6);
+
+    // the page and the info
+    let page = app.handle("GET", "/");
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8(page.body)
+        .unwrap()
+        .contains("/api/search?"));
+    let info = json(&app.handle("GET", "/api/info"));
+    assert_eq!(
+        (info["tiles"].as_u64(), info["files"].as_u64()),
+        (Some(6), Some(2))
+    );
+
+    // a thumbnail is the tile's pixels
+    let png = app.handle("GET", &format!("/api/tile/{}.png", r[0]["id"]));
+    assert_eq!((png.status, png.content_type), (200, "image/png"));
+    let got = image::load_from_memory(&png.body).unwrap().to_rgb8();
+    let want = crop(
+        &picture(64, 64, 1),
+        &Tile {
+            x: 32,
+            y: 32,
+            w: 32,
+            h: 32,
+            edge: 0,
+        },
+    );
+    assert_eq!((got.width(), got.height()), (32, 32));
+    assert_eq!(got.into_raw(), want.data);
+
+    // bad requests: 4xx with a message that says what is wrong
+    let long = format!("/api/search?q={}", "a".repeat(3000));
+    for (url, status, says) in [
+        ("/api/search", 400, "nothing to search for"),
+        ("/api/search?q=", 400, "q is empty"),
+        ("/api/search?q=%20%20", 400, "q is empty"),
+        ("/api/search?q=axis+1&k=0", 400, "from 1 to 500"),
+        ("/api/search?q=axis+1&k=501", 400, "from 1 to 500"),
+        ("/api/search?q=axis+1&k=ten", 400, "k=ten"),
+        ("/api/search?q=axis+1&k=-3", 400, "k=-3"),
+        ("/api/search?q=axis+1&q=axis+2", 400, "given twice"),
+        ("/api/search?q=axis+1&like=3", 400, "not both"),
+        (
+            "/api/search?q=axis+1&path=/etc/passwd",
+            400,
+            "unknown parameter `path`",
+        ),
+        ("/api/search?like=abc", 400, "tile id"),
+        ("/api/search?like=999999", 404, "no tile 999999"),
+        (long.as_str(), 400, "at most 2000"),
+        ("/api/tile/abc.png", 400, "ID a number"),
+        ("/api/tile/1.jpg", 400, "ID a number"),
+        ("/api/tile/.png", 400, "ID a number"),
+        ("/api/tile/99999999999999999999.png", 400, "ID a number"),
+        ("/api/tile/999999.png", 404, "no tile 999999"),
+        ("/nothing", 404, "no page /nothing"),
+    ] {
+        let reply = app.handle("GET", url);
+        let j = json(&reply);
+        let msg = j["error"].as_str().unwrap_or_default();
+        assert_eq!(reply.status, status, "{url}: {msg}");
+        assert!(msg.contains(says), "{url}: {msg}");
+    }
+    // the embedder's own failure is the server's (500), with its message
+    let e = app.handle("GET", "/api/search?q=boats");
+    assert_eq!(
+        (e.status, json(&e)["error"].as_str()),
+        (500, Some("cannot embed boats"))
+    );
+    let post = app.handle("POST", "/api/search?q=axis+1");
+    assert_eq!(post.status, 405);
+    drop(images);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Send one raw HTTP request; the status and the body.
+fn raw_request(addr: std::net::SocketAddr, target: &str) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(p) => buf[p + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    (status, body)
+}
+
+#[test]
+fn requests_never_read_outside_the_indexed_folder() {
+    let dir = temp("traversal");
+    let (app, images) = app(&dir);
+    // a secret beside the images folder, and a link to it inside
+    let secret = dir.join("secret.png");
+    save_png(&secret, &picture(32, 32, 77));
+    std::fs::write(dir.join("secret.txt"), "TOP SECRET").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&secret, images.join("link.png")).unwrap();
+    let listener = serve::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Arc::new(app);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handle = {
+        let (app, stop) = (app.clone(), stop.clone());
+        std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
+    };
+    let leaks = |body: &[u8]| {
+        let text = String::from_utf8_lossy(body);
+        text.contains("TOP SECRET") || text.contains("root:")
+    };
+    for target in [
+        "/../secret.txt",
+        "/../../../../etc/passwd",
+        "/%2e%2e/secret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/api/tile/../../secret.txt",
+        "/api/tile/..%2f..%2fsecret.txt",
+        "/api/tile/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/api/tile/1.png/../../../secret.txt",
+        "/api/tile//etc/passwd",
+        "/api/tile/1.png%00.txt",
+        "//etc/passwd",
+        "/index.html/../../secret.txt",
+        "/images/secret.txt",
+        "/api/search?q=axis+1&k=1&file=../secret.txt",
+        "/api/search?like=../../secret.txt",
+        "http://localhost/../secret.txt",
+    ] {
+        let (status, body) = raw_request(addr, target);
+        assert!((400..500).contains(&status), "{target}: {status}");
+        assert!(!leaks(&body), "{target}");
+    }
+    // malformed or oversized requests are refused, and the server goes on
+    for raw in [
+        "GARBAGE\r\n\r\n".to_string(),
+        format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(20000)),
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+    }
+    // a good request through the same server
+    let (status, body) = raw_request(addr, "/api/search?q=axis+2&k=1");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    // a tampered index naming files outside the folder (by `..`, by absolute path, by a link
+    // inside it) serves none of them
+    let db = rusqlite::Connection::open(dir.join("index/index.sqlite")).unwrap();
+    let ids: Vec<i64> = {
+        let mut st = db
+            .prepare("SELECT t.id FROM tiles t JOIN files f ON f.id = t.file_id ORDER BY t.id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let files: Vec<i64> = {
+        let mut st = db.prepare("SELECT id FROM files ORDER BY id").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    db.execute(
+        "UPDATE files SET path = '../secret.png' WHERE id = ?1",
+        [files[0]],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE files SET path = ?2 WHERE id = ?1",
+        rusqlite::params![files[1], secret.display().to_string()],
+    )
+    .unwrap();
+    let a_tile = ids[0];
+    let b_tile = *ids.last().unwrap();
+    for id in [a_tile, b_tile] {
+        let (status, body) = raw_request(addr, &format!("/api/tile/{id}.png"));
+        assert_eq!(status, 404, "tile {id}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            String::from_utf8_lossy(&body).contains("not a readable file under the indexed folder")
+        );
+    }
+    db.execute(
+        "UPDATE files SET path = 'link.png' WHERE id = ?1",
+        [files[0]],
+    )
+    .unwrap();
+    let (status, _) = raw_request(addr, &format!("/api/tile/{a_tile}.png"));
+    assert_eq!(status, 404);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(addr);
+    handle.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
