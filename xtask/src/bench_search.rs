@@ -6,8 +6,9 @@
 //!    the same 256x256 files, with one random ViT-B/32 checkpoint.
 //! 2. Query latency at 10k, 100k and 1M entries (synthetic unit vectors from a mixture of
 //!    clustered directions, as embeddings are): the text tower on a query, exact search (our
-//!    GEMM + a heap), and an HNSW index (instant-distance) with its build time and recall@10
-//!    against exact.
+//!    GEMM + a heap), an IVF-flat index (k-means lists searched by the same GEMM) at every size,
+//!    and an HNSW index (instant-distance) up to `--ann-max`, each with its build time and
+//!    recall@10 against exact.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -17,6 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use harma_clip::{ClipConfig, ClipTokenizer};
 use harma_data::rng::Rng;
+use harma_kernels::raw::gemm::gemm_acc;
 use harma_search::exact;
 use harma_search::store::Vectors;
 use harma_train::device::ComputeArgs;
@@ -35,6 +37,9 @@ pub struct Args {
     /// cores)
     #[arg(long, default_value_t = 10_000)]
     pub ann_max: usize,
+    /// Lists an IVF query searches (one row each per size)
+    #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+    pub nprobe: Vec<usize>,
     /// Text queries timed per size
     #[arg(long, default_value_t = 100)]
     pub queries: usize,
@@ -220,7 +225,162 @@ impl instant_distance::Point for Point {
     }
 }
 
-/// Part 2: query latency, exact and HNSW, and recall@10.
+/// An inverted-file index (IVF-flat): `sqrt(n)` k-means centroids, each vector stored in the
+/// list of its nearest one; a query scores the centroids, then the vectors of its `nprobe` best
+/// lists exactly. Lists are kept contiguous so that each is one GEMV.
+struct Ivf {
+    dim: usize,
+    centroids: Vec<f32>,
+    /// the vectors ordered by list, `offsets[l]..offsets[l + 1]` the rows of list `l`
+    data: Vec<f32>,
+    ids: Vec<usize>,
+    offsets: Vec<usize>,
+}
+
+/// The index of the nearest (highest dot product) centroid of every row of `x`, in chunks so
+/// that the score matrix stays small.
+fn nearest(x: &[f32], dim: usize, centroids: &[f32]) -> Vec<usize> {
+    let c = centroids.len() / dim;
+    let mut out = Vec::with_capacity(x.len() / dim);
+    let mut y = Vec::new();
+    for rows in x.chunks(4096 * dim) {
+        let m = rows.len() / dim;
+        y.clear();
+        y.resize(m * c, 0.0f32);
+        gemm_acc(&mut y, rows, m, dim, c, (centroids, 1, dim as isize));
+        out.extend(y.chunks(c).map(|s| {
+            s.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i)
+        }));
+    }
+    out
+}
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+impl Ivf {
+    /// Spherical k-means (10 Lloyd rounds) on a sample of 32 vectors per list, then every
+    /// vector assigned to its nearest centroid.
+    fn build(data: &[f32], dim: usize, rng: &mut Rng) -> Ivf {
+        let n = data.len() / dim;
+        let lists = ((n as f64).sqrt().round() as usize).clamp(1, n.max(1));
+        let mut order: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut order);
+        let sample: Vec<f32> = order[..(32 * lists).min(n)]
+            .iter()
+            .flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let mut centroids: Vec<f32> = sample[..lists * dim].to_vec();
+        for _ in 0..10 {
+            let assign = nearest(&sample, dim, &centroids);
+            let mut sums = vec![0.0f32; lists * dim];
+            let mut counts = vec![0usize; lists];
+            for (row, &l) in sample.chunks(dim).zip(&assign) {
+                counts[l] += 1;
+                sums[l * dim..(l + 1) * dim]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(s, x)| *s += x);
+            }
+            for l in 0..lists {
+                let dst = &mut centroids[l * dim..(l + 1) * dim];
+                if counts[l] == 0 {
+                    // an empty list restarts at a random sample vector
+                    let r = rng.below(sample.len() / dim);
+                    dst.copy_from_slice(&sample[r * dim..(r + 1) * dim]);
+                } else {
+                    dst.copy_from_slice(&sums[l * dim..(l + 1) * dim]);
+                    normalise(dst);
+                }
+            }
+        }
+        let assign = nearest(data, dim, &centroids);
+        let mut ids: Vec<usize> = (0..n).collect();
+        ids.sort_by_key(|&i| assign[i]);
+        let mut offsets = vec![0usize; lists + 1];
+        for &l in &assign {
+            offsets[l + 1] += 1;
+        }
+        for l in 0..lists {
+            offsets[l + 1] += offsets[l];
+        }
+        let sorted = ids
+            .iter()
+            .flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        Ivf {
+            dim,
+            centroids,
+            data: sorted,
+            ids,
+            offsets,
+        }
+    }
+
+    /// The ids of the `k` best vectors among the `nprobe` lists nearest to `q`.
+    fn search(&self, q: &[f32], k: usize, nprobe: usize) -> Vec<usize> {
+        let d = self.dim;
+        let lists = self.offsets.len() - 1;
+        let mut cs = vec![0.0f32; lists];
+        gemm_acc(&mut cs, &self.centroids, lists, d, 1, (q, 1, 1));
+        let mut cands: Vec<(usize, f32)> = Vec::new();
+        for (l, _) in exact::top_k(&cs, nprobe) {
+            let (a, b) = (self.offsets[l], self.offsets[l + 1]);
+            if a == b {
+                continue;
+            }
+            let mut y = vec![0.0f32; b - a];
+            gemm_acc(&mut y, &self.data[a * d..b * d], b - a, d, 1, (q, 1, 1));
+            cands.extend(exact::top_k(&y, k).into_iter().map(|(r, s)| (a + r, s)));
+        }
+        let scores: Vec<f32> = cands.iter().map(|c| c.1).collect();
+        exact::top_k(&scores, k)
+            .into_iter()
+            .map(|(i, _)| self.ids[cands[i].0])
+            .collect()
+    }
+}
+
+/// The share of `exact`'s top-k that `found` holds, over all queries.
+fn recall(found: &[Vec<usize>], exact: &[Vec<usize>]) -> f64 {
+    let hit: usize = found
+        .iter()
+        .zip(exact)
+        .map(|(f, e)| f.iter().filter(|x| e.contains(x)).count())
+        .sum();
+    hit as f64 / exact.iter().map(Vec::len).sum::<usize>().max(1) as f64
+}
+
+/// Latency percentiles of a search over every query, and what it found.
+struct Timed {
+    p50: f64,
+    p95: f64,
+    found: Vec<Vec<usize>>,
+}
+
+fn timed(queries: &[f32], dim: usize, mut f: impl FnMut(&[f32]) -> Vec<usize>) -> Timed {
+    let mut ms = Vec::new();
+    let mut found = Vec::new();
+    for q in queries.chunks(dim) {
+        let t = Instant::now();
+        found.push(f(q));
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Timed {
+        p50: percentile(&mut ms, 0.5),
+        p95: percentile(&mut ms, 0.95),
+        found,
+    }
+}
+
+/// Part 2: query latency, exact, IVF and HNSW, and recall@10.
 fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
     let dim = args.dim;
     let mut rng = Rng::new(9);
@@ -252,9 +412,16 @@ fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
     let queries = clustered(args.queries, dim, &centres, &mut Rng::new(77));
     let mut rows = Vec::new();
     println!(
-        "{:>9} {:>11} {:>11} {:>11} {:>11} {:>9} {:>12}",
-        "entries", "exact p50", "exact p95", "hnsw p50", "hnsw p95", "recall@10", "hnsw build"
+        "{:>9}  {:<26} {:>10} {:>10} {:>9} {:>9}",
+        "entries", "search", "p50", "p95", "recall@10", "build"
     );
+    let line = |n: usize, what: &str, t: &Timed, recall: f64, build: Option<f64>| {
+        let build = build.map_or("-".into(), |s| format!("{s:.1} s"));
+        println!(
+            "{n:>9}  {what:<26} {:>7.3} ms {:>7.3} ms {recall:>9.3} {build:>9}",
+            t.p50, t.p95
+        );
+    };
     for &n in &args.sizes {
         let data = clustered(n, dim, &centres, &mut Rng::derive(1, &[n as u64]));
         let v = Vectors {
@@ -262,23 +429,39 @@ fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
             ids: (0..n as i64).collect(),
             data,
         };
-        let mut exact_ms = Vec::new();
-        let mut exact_top = Vec::new();
-        for q in queries.chunks(dim) {
-            let t = Instant::now();
-            let hits = exact::search(&v, q, 10);
-            exact_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            exact_top.push(hits.iter().map(|h| h.id as usize).collect::<Vec<_>>());
-        }
-        let (ep50, ep95) = (
-            percentile(&mut exact_ms, 0.5),
-            percentile(&mut exact_ms, 0.95),
-        );
+        let exact = timed(&queries, dim, |q| {
+            exact::search(&v, q, 10)
+                .iter()
+                .map(|h| h.id as usize)
+                .collect()
+        });
+        line(n, "exact", &exact, 1.0, None);
         let mut row = serde_json::json!({
-            "entries": n, "exact_p50_ms": ep50, "exact_p95_ms": ep95,
+            "entries": n, "exact_p50_ms": exact.p50, "exact_p95_ms": exact.p95,
             "text_p50_ms": tp50, "text_p95_ms": tp95,
         });
-        let mut ann = String::from("          -           -         -            -");
+        let t = Instant::now();
+        let ivf = Ivf::build(&v.data, dim, &mut Rng::derive(3, &[n as u64]));
+        let ivf_build = t.elapsed().as_secs_f64();
+        let lists = ivf.offsets.len() - 1;
+        let mut ivf_rows = Vec::new();
+        for &nprobe in &args.nprobe {
+            let r = timed(&queries, dim, |q| ivf.search(q, 10, nprobe));
+            let rc = recall(&r.found, &exact.found);
+            let first = ivf_rows.is_empty();
+            line(
+                n,
+                &format!("ivf {lists} lists, nprobe {nprobe}"),
+                &r,
+                rc,
+                first.then_some(ivf_build),
+            );
+            ivf_rows.push(serde_json::json!({
+                "nprobe": nprobe, "p50_ms": r.p50, "p95_ms": r.p95, "recall_at_10": rc,
+            }));
+        }
+        drop(ivf);
+        row["ivf"] = serde_json::json!({"lists": lists, "build_s": ivf_build, "probes": ivf_rows});
         if n <= args.ann_max {
             let shared = Arc::new(v.data);
             let points: Vec<Point> = (0..n).map(|i| Point(shared.clone(), i, dim)).collect();
@@ -288,36 +471,79 @@ fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
                 .seed(7)
                 .build(points, values);
             let build_s = t.elapsed().as_secs_f64();
-            let qdata = Arc::new(queries.clone());
-            let mut ann_ms = Vec::new();
-            let mut hit = 0usize;
             let mut search = instant_distance::Search::default();
-            for (qi, top) in exact_top.iter().enumerate() {
-                let q = Point(qdata.clone(), qi, dim);
-                let t = Instant::now();
-                let found: Vec<usize> = map
-                    .search(&q, &mut search)
+            let r = timed(&queries, dim, |q| {
+                let q = Point(Arc::new(q.to_vec()), 0, dim);
+                map.search(&q, &mut search)
                     .take(10)
                     .map(|m| *m.value)
-                    .collect();
-                ann_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                hit += found.iter().filter(|f| top.contains(f)).count();
-            }
-            let recall = hit as f64 / (10 * exact_top.len()) as f64;
-            let (ap50, ap95) = (percentile(&mut ann_ms, 0.5), percentile(&mut ann_ms, 0.95));
-            ann = format!("{ap50:>8.3} ms {ap95:>8.3} ms {recall:>9.3} {build_s:>10.1} s");
-            row["hnsw_p50_ms"] = ap50.into();
-            row["hnsw_p95_ms"] = ap95.into();
-            row["recall_at_10"] = recall.into();
+                    .collect()
+            });
+            let rc = recall(&r.found, &exact.found);
+            line(n, "hnsw", &r, rc, Some(build_s));
+            row["hnsw_p50_ms"] = r.p50.into();
+            row["hnsw_p95_ms"] = r.p95.into();
+            row["recall_at_10"] = rc.into();
             row["hnsw_build_s"] = build_s.into();
         }
-        println!("{n:>9} {ep50:>8.2} ms {ep95:>8.2} ms {ann}");
         rows.push(row);
     }
     Ok(serde_json::json!({
         "dim": dim, "queries": args.queries, "k": 10,
         "vectors": "unit vectors around 1000 random directions (noise 0.6/sqrt(dim) per coordinate)",
         "hnsw": "instant-distance 0.6 defaults (ef_construction 100, ef_search 100, M 32)",
+        "ivf": "IVF-flat: round(sqrt(n)) spherical k-means lists (10 rounds on 32 vectors a list), our GEMM",
         "rows": rows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Probing every list is exact search; probing fewer finds a subset of it, and every
+    /// vector sits in the list of its nearest centroid.
+    #[test]
+    fn ivf_probing_all_lists_is_exact_search() {
+        let dim = 16;
+        let mut rng = Rng::new(1);
+        let centres: Vec<Vec<f32>> = (0..20)
+            .map(|_| {
+                let mut v: Vec<f32> = (0..dim).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+                normalise(&mut v);
+                v
+            })
+            .collect();
+        let n = 1500;
+        let data = clustered(n, dim, &centres, &mut rng);
+        let ivf = Ivf::build(&data, dim, &mut Rng::new(2));
+        let lists = ivf.offsets.len() - 1;
+        assert_eq!(lists, 39);
+        assert_eq!(ivf.offsets[lists], n);
+        let assign = nearest(&data, dim, &ivf.centroids);
+        for l in 0..lists {
+            for &i in &ivf.ids[ivf.offsets[l]..ivf.offsets[l + 1]] {
+                assert_eq!(assign[i], l);
+            }
+        }
+        let v = Vectors {
+            dim,
+            ids: (0..n as i64).collect(),
+            data: data.clone(),
+        };
+        let queries = clustered(30, dim, &centres, &mut Rng::new(3));
+        let (mut few, mut all) = (Vec::new(), Vec::new());
+        for q in queries.chunks(dim) {
+            let want: Vec<usize> = exact::search(&v, q, 10)
+                .iter()
+                .map(|h| h.id as usize)
+                .collect();
+            assert_eq!(ivf.search(q, 10, lists), want);
+            few.push(ivf.search(q, 10, 2));
+            all.push(want);
+        }
+        let r = recall(&few, &all);
+        assert!(r > 0.0 && r <= 1.0, "{r}");
+        assert_eq!(recall(&all, &all), 1.0);
+    }
 }
