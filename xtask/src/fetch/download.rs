@@ -210,6 +210,236 @@ fn content_length(r: &ureq::Response) -> Option<u64> {
         .and_then(|l| l.trim().parse().ok())
 }
 
+/// One download's state between attempts.
+struct Transfer<'a> {
+    net: &'a Net,
+    url: &'a str,
+    part: PathBuf,
+    dest: &'a Path,
+    expect: &'a Expect,
+    what: &'a str,
+    /// transfers that broke off (resumed)
+    breaks: usize,
+    /// answers that forced a fresh start
+    restarts: usize,
+}
+
+/// What one attempt ended in.
+enum Attempt {
+    Done,
+    /// ask again (resuming the `.part`, or afresh if it was removed)
+    Again,
+}
+
+impl Transfer<'_> {
+    /// Another try after a broken transfer, with a growing pause, while any are left.
+    fn retry_break(&mut self) -> bool {
+        self.breaks += 1;
+        if self.breaks <= self.net.retries {
+            std::thread::sleep(Duration::from_millis(200 * self.breaks as u64));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A fresh start after an answer that cannot be resumed: one is allowed per download.
+    fn restart(&mut self, refusal: impl FnOnce() -> String) -> Result<()> {
+        self.restarts += 1;
+        if self.restarts > 1 {
+            bail!("{}", refusal());
+        }
+        Ok(())
+    }
+
+    /// HTTP 416 to a range request: nothing after the bytes the `.part` holds, so it is the
+    /// whole file or longer than it.
+    fn past_the_end(&mut self, r: &ureq::Response) -> Result<Attempt> {
+        let (_, total) = content_range(r);
+        let exp = Expect {
+            size: self.expect.size.or(total),
+            ..self.expect.clone()
+        };
+        let why = if exp.size.is_some() || exp.has_hash() {
+            match settle(&self.part, self.dest, &exp, self.what)? {
+                None => return Ok(Attempt::Done),
+                Some(why) => why,
+            }
+        } else {
+            std::fs::remove_file(&self.part).ok();
+            "the server gives no size for it".to_string()
+        };
+        let url = self.url;
+        self.restart(|| format!("{url}: the server refuses to send it ({why})"))?;
+        println!("{why}: the partial download was removed, downloading afresh");
+        Ok(Attempt::Again)
+    }
+
+    /// The size to expect and the most bytes to accept, from what is known and what the server
+    /// announces (`total`). The known size wins: a server that announces less is refused, one
+    /// that announces more is cut off at the known size.
+    fn limits(&self, total: Option<u64>) -> Result<(Option<u64>, u64)> {
+        let (what, expect) = (self.what, self.expect);
+        if let (Some(t), Some(s)) = (total, expect.size) {
+            if t < s {
+                bail!(
+                    "{what}: the server announces {t} bytes, expected {s}: the file changed at \
+                     the source, or the server is wrong"
+                );
+            }
+        }
+        if let (Some(t), Some(m)) = (total, expect.max_size) {
+            if t > m {
+                bail!("{what}: the server announces {t} bytes, more than the {m} allowed: refused");
+            }
+        }
+        let size = expect.size.or(total);
+        let Some(limit) = size.or(expect.max_size) else {
+            bail!(
+                "{}: the server announces no size for {what} and none is known: refused (a \
+                 download without an end could fill the disk)",
+                self.url
+            );
+        };
+        Ok((size, limit))
+    }
+
+    /// Append the body to the `.part` from byte `start`, refusing more than `limit` bytes in
+    /// all; the bytes it then holds, and the error that broke the transfer off, if one did.
+    fn receive(
+        &self,
+        resp: ureq::Response,
+        start: u64,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<(u64, Option<std::io::Error>)> {
+        let part = &self.part;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(start > 0)
+            .truncate(start == 0)
+            .open(part)
+            .with_context(|| format!("cannot write {}", part.display()))?;
+        let pb = bytes_bar(size.unwrap_or(0), self.what);
+        pb.set_position(start);
+        let mut reader = resp.into_reader();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = start;
+        let broke = loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => n,
+                Err(e) => break Some(e),
+            };
+            if got + n as u64 > limit {
+                pb.abandon();
+                drop(file);
+                std::fs::remove_file(part).ok();
+                let known = if size.is_some() {
+                    "expected"
+                } else {
+                    "allowed"
+                };
+                bail!(
+                    "{}: the server sent more than the {limit} bytes {known}: refused",
+                    self.what
+                );
+            }
+            file.write_all(&buf[..n])
+                .with_context(|| format!("cannot write {}", part.display()))?;
+            got += n as u64;
+            pb.set_position(got);
+        };
+        file.sync_all()
+            .with_context(|| format!("cannot write {}", part.display()))?;
+        pb.finish_and_clear();
+        Ok((got, broke))
+    }
+
+    /// One request and its answer, written to the `.part`.
+    fn attempt(&mut self, token: Option<&str>) -> Result<Attempt> {
+        let url = self.url;
+        let have = file_len(&self.part).unwrap_or(0);
+        let mut req = self.net.agent.get(url).set("Accept-Encoding", "identity");
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        if have > 0 {
+            req = req.set("Range", &format!("bytes={have}-"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(416, r)) if have > 0 => return self.past_the_end(&r),
+            Err(ureq::Error::Status(code, _)) => bail!(
+                "cannot download {url}: the server answered HTTP {code}{}",
+                match code {
+                    401 | 403 => " (a gated or private file: set HF_TOKEN, or check the address)",
+                    404 => " (moved or renamed at the source? edit xtask/sources.json or pass --sources)",
+                    _ => "",
+                }
+            ),
+            Err(e) => {
+                if self.retry_break() {
+                    return Ok(Attempt::Again);
+                }
+                bail!(
+                    "cannot download {url}: {e}. Check the network, then run `cargo xtask \
+                     fetch-data` again: finished files are kept and this one resumes"
+                );
+            }
+        };
+        let (start, total) = if resp.status() == 206 {
+            match content_range(&resp) {
+                (Some(a), total) if a == have => (have, total),
+                _ => {
+                    // not the range asked for: start again from the first byte
+                    std::fs::remove_file(&self.part).ok();
+                    self.restart(|| {
+                        format!("{url}: the server does not send the byte range asked for")
+                    })?;
+                    return Ok(Attempt::Again);
+                }
+            }
+        } else {
+            // a whole body (a server that ignores ranges answers so too)
+            (0, content_length(&resp))
+        };
+        let (size, limit) = self.limits(total)?;
+        let (got, broke) = self.receive(resp, start, size, limit)?;
+        if broke.is_some() || size.is_some_and(|s| got < s) {
+            if self.retry_break() {
+                return Ok(Attempt::Again);
+            }
+            let why = broke.map_or_else(
+                || format!("it ended at {got} of {} bytes", size.unwrap_or(0)),
+                |e| e.to_string(),
+            );
+            bail!(
+                "the download of {url} broke off ({why}); run `cargo xtask fetch-data` again to \
+                 resume it"
+            );
+        }
+        if size.is_none() && !self.expect.has_hash() {
+            std::fs::remove_file(&self.part).ok();
+            bail!(
+                "{url}: the server announced no size and no checksum is known, so a cut \
+                 download cannot be told from a whole one: refused"
+            );
+        }
+        let exp = Expect {
+            size,
+            ..self.expect.clone()
+        };
+        match settle(&self.part, self.dest, &exp, self.what)? {
+            None => Ok(Attempt::Done),
+            Some(why) => {
+                bail!("{why}; the download was removed, run again to download it afresh")
+            }
+        }
+    }
+}
+
 /// Download `url` to `dest` (see the module doc); an existing `dest.part` is resumed.
 /// `token` is sent as a bearer token (Hugging Face).
 /// `what` names the file in messages.
@@ -234,180 +464,18 @@ pub fn download(
             }
         }
     }
-    let again = |n: &mut usize| -> bool {
-        *n += 1;
-        if *n <= net.retries {
-            std::thread::sleep(Duration::from_millis(200 * *n as u64));
-            true
-        } else {
-            false
-        }
+    let mut t = Transfer {
+        net,
+        url,
+        part,
+        dest,
+        expect,
+        what,
+        breaks: 0,
+        restarts: 0,
     };
-    // `breaks`: transfers that broke off (resumed); `restarts`: answers that forced a fresh start
-    let (mut breaks, mut restarts) = (0usize, 0usize);
-    loop {
-        let have = file_len(&part).unwrap_or(0);
-        let mut req = net.agent.get(url).set("Accept-Encoding", "identity");
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        if have > 0 {
-            req = req.set("Range", &format!("bytes={have}-"));
-        }
-        let resp = match req.call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(416, r)) if have > 0 => {
-                // nothing after byte `have`: the part is the whole file, or longer than it
-                let (_, total) = content_range(&r);
-                let exp = Expect {
-                    size: expect.size.or(total),
-                    ..expect.clone()
-                };
-                let why = if exp.size.is_some() || exp.has_hash() {
-                    match settle(&part, dest, &exp, what)? {
-                        None => return Ok(()),
-                        Some(why) => why,
-                    }
-                } else {
-                    std::fs::remove_file(&part).ok();
-                    "the server gives no size for it".to_string()
-                };
-                restarts += 1;
-                if restarts > 1 {
-                    bail!("{url}: the server refuses to send it ({why})");
-                }
-                println!("{why}: the partial download was removed, downloading afresh");
-                continue;
-            }
-            Err(ureq::Error::Status(code, _)) => bail!(
-                "cannot download {url}: the server answered HTTP {code}{}",
-                match code {
-                    401 | 403 => " (a gated or private file: set HF_TOKEN, or check the address)",
-                    404 => " (moved or renamed at the source? edit xtask/sources.json or pass --sources)",
-                    _ => "",
-                }
-            ),
-            Err(e) => {
-                if again(&mut breaks) {
-                    continue;
-                }
-                bail!(
-                    "cannot download {url}: {e}. Check the network, then run `cargo xtask \
-                     fetch-data` again: finished files are kept and this one resumes"
-                );
-            }
-        };
-        let (start, total) = if resp.status() == 206 {
-            match content_range(&resp) {
-                (Some(a), total) if a == have => (have, total),
-                _ => {
-                    // not the range asked for: start again from the first byte
-                    std::fs::remove_file(&part).ok();
-                    restarts += 1;
-                    if restarts > 1 {
-                        bail!("{url}: the server does not send the byte range asked for");
-                    }
-                    continue;
-                }
-            }
-        } else {
-            // a whole body (a server that ignores ranges answers so too)
-            (0, content_length(&resp))
-        };
-        // the known size wins over what the server announces: a server that announces more
-        // than it sends is cut off there (and the rest is asked for, which settles it)
-        if let (Some(t), Some(s)) = (total, expect.size) {
-            if t < s {
-                bail!(
-                    "{what}: the server announces {t} bytes, expected {s}: the file changed at \
-                     the source, or the server is wrong"
-                );
-            }
-        }
-        if let (Some(t), Some(m)) = (total, expect.max_size) {
-            if t > m {
-                bail!("{what}: the server announces {t} bytes, more than the {m} allowed: refused");
-            }
-        }
-        let size = expect.size.or(total);
-        let Some(limit) = size.or(expect.max_size) else {
-            bail!(
-                "{url}: the server announces no size for {what} and none is known: refused (a \
-                 download without an end could fill the disk)"
-            );
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(start > 0)
-            .truncate(start == 0)
-            .open(&part)
-            .with_context(|| format!("cannot write {}", part.display()))?;
-        let pb = bytes_bar(size.unwrap_or(0), what);
-        pb.set_position(start);
-        let mut reader = resp.into_reader();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = start;
-        let broke = loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break None,
-                Ok(n) => n,
-                Err(e) => break Some(e),
-            };
-            if got + n as u64 > limit {
-                pb.abandon();
-                drop(file);
-                std::fs::remove_file(&part).ok();
-                bail!(
-                    "{what}: the server sent more than the {limit} bytes {}: refused",
-                    if size.is_some() {
-                        "expected"
-                    } else {
-                        "allowed"
-                    }
-                );
-            }
-            file.write_all(&buf[..n])
-                .with_context(|| format!("cannot write {}", part.display()))?;
-            got += n as u64;
-            pb.set_position(got);
-        };
-        file.sync_all()
-            .with_context(|| format!("cannot write {}", part.display()))?;
-        drop(file);
-        pb.finish_and_clear();
-        let short = size.is_some_and(|s| got < s);
-        if broke.is_some() || short {
-            if again(&mut breaks) {
-                continue;
-            }
-            let why = broke.map_or_else(
-                || format!("it ended at {got} of {} bytes", size.unwrap_or(0)),
-                |e| e.to_string(),
-            );
-            bail!(
-                "the download of {url} broke off ({why}); run `cargo xtask fetch-data` again to \
-                 resume it"
-            );
-        }
-        if size.is_none() && !expect.has_hash() {
-            std::fs::remove_file(&part).ok();
-            bail!(
-                "{url}: the server announced no size and no checksum is known, so a cut \
-                 download cannot be told from a whole one: refused"
-            );
-        }
-        let exp = Expect {
-            size,
-            ..expect.clone()
-        };
-        return match settle(&part, dest, &exp, what)? {
-            None => Ok(()),
-            Some(why) => {
-                bail!("{why}; the download was removed, run again to download it afresh")
-            }
-        };
-    }
+    while let Attempt::Again = t.attempt(token)? {}
+    Ok(())
 }
 
 /// Download `url` to `dest` (resuming `dest.part`), checking the size the server announces
