@@ -361,26 +361,8 @@ fn finished(dir: &Path) -> bool {
     metrics(dir).is_some_and(|m| m.test.is_some())
 }
 
-pub fn run(args: &Args) -> Result<()> {
-    let mut key = format!("{} {}", args.dataset.name(), args.backbone.name());
-    if args.quick {
-        key.push_str(" quick");
-    }
-    let out = folder(args, &key)?;
-    let out = std::path::absolute(&out).unwrap_or(out);
-    let sets = args
-        .set
-        .iter()
-        .map(|kv| parse_set(kv))
-        .collect::<Result<Vec<_>>>()?;
-    println!(
-        "reproduce: HarMA on {} from {} -> {}",
-        args.dataset.name(),
-        args.backbone.title(),
-        out.display()
-    );
-
-    // 1. what is missing
+/// Step 1: the model and the dataset in place (fetched or resumed); the model's path.
+fn fetch_inputs(args: &Args) -> Result<PathBuf> {
     let sources = fetch::Sources::load(args.sources.as_deref())?;
     let model_name = args.backbone.name();
     let model = sources
@@ -407,19 +389,11 @@ pub fn run(args: &Args) -> Result<()> {
         "data and weights in place ({:.1}s)",
         t.elapsed().as_secs_f64()
     );
-    let init = std::path::absolute(args.data_dir.join(&model.dest))?;
+    Ok(std::path::absolute(args.data_dir.join(&model.dest))?)
+}
 
-    // 2. the recipe, the notes, the published numbers
-    let recipe = recipe(args, &sets, &init, &out);
-    let flags: toml::Table = recipe
-        .iter()
-        .map(|(k, v, _)| (k.clone(), v.clone()))
-        .collect();
-    for (k, v, why) in &recipe {
-        if k != "out" && k != "init" {
-            println!("  {k:<15} {:<22} {why}", v.to_string());
-        }
-    }
+/// The command that runs (and continues) this reproduction.
+fn command_line(args: &Args) -> String {
     let mut command = format!(
         "cargo xtask reproduce --dataset {} --backbone {}",
         args.dataset.name(),
@@ -430,6 +404,22 @@ pub fn run(args: &Args) -> Result<()> {
     }
     for kv in &args.set {
         command.push_str(&format!(" --set '{kv}'"));
+    }
+    command
+}
+
+/// Step 2: the recipe's settings as printed and as the report's comparison shows them, with
+/// the notes on what differs from the original and the published numbers.
+fn comparison(
+    args: &Args,
+    key: &str,
+    recipe: &[(String, toml::Value, String)],
+    sets: &[(String, toml::Value)],
+) -> Comparison {
+    for (k, v, why) in recipe {
+        if k != "out" && k != "init" {
+            println!("  {k:<15} {:<22} {why}", v.to_string());
+        }
     }
     let mut notes = vec![args.backbone.note().to_string()];
     notes.push(
@@ -446,17 +436,17 @@ pub fn run(args: &Args) -> Result<()> {
             "--quick: 20 steps of 32 pairs, a smoke test; its numbers are not a result".into(),
         );
     }
-    for (k, v) in &sets {
+    for (k, v) in sets {
         notes.push(format!("Changed from the recipe with --set: `{k} = {v}`."));
     }
-    let comparison = Comparison {
+    Comparison {
         title: format!(
             "{} from {}",
             args.dataset.name().to_uppercase(),
             args.backbone.title()
         ),
-        run: key.clone(),
-        command: command.clone(),
+        run: key.to_string(),
+        command: command_line(args),
         recipe: recipe
             .iter()
             .filter(|(k, _, _)| k != "out" && k != "init")
@@ -464,53 +454,58 @@ pub fn run(args: &Args) -> Result<()> {
             .collect(),
         notes,
         published: published(args.dataset, args.backbone),
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    comparison.write(&out)?;
+    }
+}
 
-    // 3. train (its step 0 is the zero-shot evaluation; its end, test with the best by val)
-    if finished(&out) {
+/// Step 3: train in `out` with the recipe's `flags`, or continue the run there (with the
+/// `--set` values as later flags); nothing to do for a finished run. Its step 0 is the
+/// zero-shot evaluation; its end, test with the best adapters by val.
+fn train(
+    args: &Args,
+    out: &Path,
+    flags: toml::Table,
+    sets: &[(String, toml::Value)],
+) -> Result<()> {
+    if finished(out) {
         println!(
             "the run in {} is finished; rebuilding its report (--out DIR runs it again in \
              another folder)",
             out.display()
         );
-    } else {
-        let resume = harma_train::resume::resume_path(&out).exists();
-        if !resume && out.join("log.jsonl").exists() {
-            // stopped before its first checkpoint: nothing to continue from
-            eprintln!("the earlier attempt stopped before its first checkpoint: starting again");
-            for f in ["log.jsonl", "metrics.json", "run.json", "best.safetensors"] {
-                std::fs::remove_file(out.join(f)).ok();
-            }
-        }
-        let train_args = if resume {
-            println!("continuing the run in {}", out.display());
-            let mut later = toml::Table::new();
-            for (k, v) in &sets {
-                later.insert(k.clone(), v.clone());
-            }
-            TrainArgs {
-                resume: Some(out.clone()),
-                flags: later,
-                ..TrainArgs::default()
-            }
-        } else {
-            TrainArgs {
-                data_dir: Some(args.data_dir.clone()),
-                flags,
-                ..TrainArgs::default()
-            }
-        };
-        let cfg = TrainConfig::resolve(&train_args)?;
-        let mut control = harma_train::train::interruptible()?;
-        control.stop_after = args.stop_after;
-        harma_train::train::train(&cfg, resume, &control)?;
+        return Ok(());
     }
+    let resume = harma_train::resume::resume_path(out).exists();
+    if !resume && out.join("log.jsonl").exists() {
+        // stopped before its first checkpoint: nothing to continue from
+        eprintln!("the earlier attempt stopped before its first checkpoint: starting again");
+        for f in ["log.jsonl", "metrics.json", "run.json", "best.safetensors"] {
+            std::fs::remove_file(out.join(f)).ok();
+        }
+    }
+    let train_args = if resume {
+        println!("continuing the run in {}", out.display());
+        TrainArgs {
+            resume: Some(out.to_path_buf()),
+            flags: sets.iter().cloned().collect(),
+            ..TrainArgs::default()
+        }
+    } else {
+        TrainArgs {
+            data_dir: Some(args.data_dir.clone()),
+            flags,
+            ..TrainArgs::default()
+        }
+    };
+    let cfg = TrainConfig::resolve(&train_args)?;
+    let mut control = harma_train::train::interruptible()?;
+    control.stop_after = args.stop_after;
+    harma_train::train::train(&cfg, resume, &control)?;
+    Ok(())
+}
 
-    // 4. the report, with the comparison
-    let page = harma_train::report::write_report(&out)?;
-    let m = metrics(&out).unwrap_or_default();
+/// Step 4: this run's numbers beside the published ones, and where the report is.
+fn print_outcome(args: &Args, out: &Path, comparison: &Comparison, page: &Path) {
+    let m = metrics(out).unwrap_or_default();
     let ours = |o: Ours| match o {
         Ours::Test => m.test.as_ref().map(|t| t.metrics.r_mean),
         Ours::ZeroShot => m.start.as_ref().and_then(|s| s.test).map(|t| t.r_mean),
@@ -530,12 +525,13 @@ pub fn run(args: &Args) -> Result<()> {
             p.source
         );
     }
-    if finished(&out) {
+    if finished(out) {
         println!("\nreport: {}", page.display());
     } else {
         println!(
-            "\nstopped before the end; the report so far: {}\ncontinue with: {command}{}",
+            "\nstopped before the end; the report so far: {}\ncontinue with: {}{}",
             page.display(),
+            comparison.command,
             if args.out.is_some() {
                 format!(" --out {}", out.display())
             } else {
@@ -543,6 +539,35 @@ pub fn run(args: &Args) -> Result<()> {
             }
         );
     }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut key = format!("{} {}", args.dataset.name(), args.backbone.name());
+    if args.quick {
+        key.push_str(" quick");
+    }
+    let out = folder(args, &key)?;
+    let out = std::path::absolute(&out).unwrap_or(out);
+    let sets = args
+        .set
+        .iter()
+        .map(|kv| parse_set(kv))
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "reproduce: HarMA on {} from {} -> {}",
+        args.dataset.name(),
+        args.backbone.title(),
+        out.display()
+    );
+    let init = fetch_inputs(args)?;
+    let recipe = recipe(args, &sets, &init, &out);
+    let comparison = comparison(args, &key, &recipe, &sets);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    comparison.write(&out)?;
+    let flags = recipe.into_iter().map(|(k, v, _)| (k, v)).collect();
+    train(args, &out, flags, &sets)?;
+    let page = harma_train::report::write_report(&out)?;
+    print_outcome(args, &out, &comparison, &page);
     Ok(())
 }
 
