@@ -794,10 +794,9 @@ fn run_names(folders: &[Folder]) -> Vec<String> {
         .collect()
 }
 
-/// One page comparing the runs in `dirs`: curves overlaid, results and differing settings
-/// side by side. Paths are shown relative to `out`.
-pub(super) fn compare_page(folders: &[Folder], out: &Path) -> Result<Page> {
-    let names = run_names(folders);
+/// The runs' curves overlaid, each in its colour: the smoothed loss, val mR, the learning rate
+/// and the temperature, as one SVG.
+fn compare_curves(folders: &[Folder], names: &[String]) -> Result<String> {
     let colour = |i: usize| PALETTE[i % PALETTE.len()];
     let mut loss = Panel::new("loss (smoothed)", YFormat::Fixed(2));
     let mut mr = Panel::new("val mR", YFormat::Fixed(1));
@@ -832,10 +831,12 @@ pub(super) fn compare_page(folders: &[Folder], out: &Path) -> Result<Page> {
         temp = temp.line(name, series(|r| r.temp), colour(i), Style::Bold);
     }
     loss.y_format = y_format(loss.lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)));
-    let svg = plot::figure(&[loss, mr, lr, temp], 2, 570, 280)?;
+    plot::figure(&[loss, mr, lr, temp], 2, 570, 280)
+}
 
-    let mut head = vec![String::new()];
-    head.extend(names.iter().cloned());
+/// The runs' results in columns under `head`: test R@K and mR, zero-shot and best val mR,
+/// steps, time, speed and memory.
+fn compare_results(folders: &[Folder], head: &[String]) -> Table {
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut row = |label: &str, cell: &dyn Fn(&Folder) -> String| {
         let mut r = vec![label.to_string()];
@@ -891,14 +892,17 @@ pub(super) fn compare_page(folders: &[Folder], out: &Path) -> Result<Page> {
             .and_then(|i| i.peak_memory())
             .map_or("-".into(), gigabytes)
     });
-    let results = Table {
-        head: head.clone(),
+    Table {
+        head: head.to_vec(),
         strong: vec![6],
         rows,
         numeric: true,
-    };
+    }
+}
 
-    // the settings whose values differ, and the data each run saw
+/// The settings whose values differ between the runs, and the data files that do (by
+/// sha256): a row each, the setting then each run's value. Paths are shown relative to `out`.
+fn differing_settings(folders: &[Folder], out: &Path) -> Vec<Vec<String>> {
     let mut keys: Vec<&String> = folders
         .iter()
         .filter_map(|f| f.config.as_ref())
@@ -940,6 +944,18 @@ pub(super) fn compare_page(folders: &[Folder], out: &Path) -> Result<Page> {
             differ.push([vec![format!("{split} data (sha256)")], vals].concat());
         }
     }
+    differ
+}
+
+/// One page comparing the runs in `dirs`: curves overlaid, results and differing settings
+/// side by side. Paths are shown relative to `out`.
+pub(super) fn compare_page(folders: &[Folder], out: &Path) -> Result<Page> {
+    let names = run_names(folders);
+    let svg = compare_curves(folders, &names)?;
+    let mut head = vec![String::new()];
+    head.extend(names.iter().cloned());
+    let results = compare_results(folders, &head);
+    let differ = differing_settings(folders, out);
     let mut blocks = vec![
         Block::Bullets(
             folders
