@@ -33,13 +33,17 @@ pub struct Args {
     /// Index sizes for the latency part (entries)
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     pub sizes: Vec<usize>,
-    /// Build HNSW indexes up to this size (their build is the slow part: 147 s at 10k on 2
+    /// Build HNSW indexes up to this size (their build is the slow part: 108-205 s at 10k on 2
     /// cores)
     #[arg(long, default_value_t = 10_000)]
     pub ann_max: usize,
     /// Lists an IVF query searches (one row each per size)
     #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
     pub nprobe: Vec<usize>,
+    /// Directions the synthetic vectors cluster around; 0: uniform on the sphere (the worst
+    /// case for the ANN indexes)
+    #[arg(long, default_value_t = 1000)]
+    pub clusters: usize,
     /// Text queries timed per size
     #[arg(long, default_value_t = 100)]
     pub queries: usize,
@@ -194,8 +198,15 @@ fn build_vs_embed(args: &Args, net: &ModelArgs, work: &Path) -> Result<serde_jso
     }))
 }
 
-/// Unit vectors around `centres` clustered directions (as embeddings of an archive are).
+/// Unit vectors around `centres` clustered directions (as embeddings of an archive are); with
+/// no centres, uniform on the sphere (no structure at all: the hardest case for an ANN index).
 fn clustered(n: usize, dim: usize, centres: &[Vec<f32>], rng: &mut Rng) -> Vec<f32> {
+    let origin = [vec![0.0f32; dim]];
+    let (centres, noise) = if centres.is_empty() {
+        (&origin[..], 1.0)
+    } else {
+        (centres, 0.6)
+    };
     let mut gauss = || {
         let (u1, u2) = (1.0 - rng.uniform(), rng.uniform());
         ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
@@ -205,7 +216,7 @@ fn clustered(n: usize, dim: usize, centres: &[Vec<f32>], rng: &mut Rng) -> Vec<f
         let c = &centres[(i * 7919) % centres.len()];
         let v: Vec<f32> = c
             .iter()
-            .map(|&x| x + 0.6 * gauss() / (dim as f32).sqrt())
+            .map(|&x| x + noise * gauss() / (dim as f32).sqrt())
             .collect();
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         out.extend(v.iter().map(|x| x / norm));
@@ -384,7 +395,7 @@ fn timed(queries: &[f32], dim: usize, mut f: impl FnMut(&[f32]) -> Vec<usize>) -
 fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
     let dim = args.dim;
     let mut rng = Rng::new(9);
-    let centres: Vec<Vec<f32>> = (0..1000)
+    let centres: Vec<Vec<f32>> = (0..args.clusters)
         .map(|_| {
             let v: Vec<f32> = (0..dim).map(|_| rng.range(-1.0, 1.0) as f32).collect();
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -490,7 +501,11 @@ fn latency(args: &Args, net: &ModelArgs) -> Result<serde_json::Value> {
     }
     Ok(serde_json::json!({
         "dim": dim, "queries": args.queries, "k": 10,
-        "vectors": "unit vectors around 1000 random directions (noise 0.6/sqrt(dim) per coordinate)",
+        "vectors": if args.clusters > 0 {
+            format!("unit vectors around {} random directions (noise 0.6/sqrt(dim) per coordinate)", args.clusters)
+        } else {
+            "unit vectors uniform on the sphere".to_string()
+        },
         "hnsw": "instant-distance 0.6 defaults (ef_construction 100, ef_search 100, M 32)",
         "ivf": "IVF-flat: round(sqrt(n)) spherical k-means lists (10 rounds on 32 vectors a list), our GEMM",
         "rows": rows,
