@@ -89,16 +89,12 @@ pub fn run(args: &Args) -> Result<()> {
     let result = (|| -> Result<()> {
         let cfg = ClipConfig::vit_b32_quickgelu();
         let model_path = work.join("vit-b-32-random.safetensors");
-        {
-            let weights = crate::workloads::random_weights(&cfg, &candle_core::Device::Cpu)?;
-            let named: Vec<(&str, &candle_core::Tensor)> =
-                weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-            harma_train::output::write_safetensors(
-                &model_path,
-                &named,
-                std::iter::empty::<(String, String)>(),
-            )?;
-        }
+        crate::workloads::write_random_model(
+            &cfg,
+            harma_clip::checkpoint::RandomInit::Clip,
+            &mut Rng::new(0),
+            &model_path,
+        )?;
         let net = ModelArgs {
             model: model_path.clone(),
             backbone: BackboneArgs::default(),

@@ -56,15 +56,13 @@ fn tiny_model(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let cfg = ClipConfig::tiny(harma_clip::Activation::QuickGelu);
     let arch = dir.join("clip.json");
     std::fs::write(&arch, serde_json::to_string(&cfg)?)?;
-    let mut rng = harma_data::rng::Rng::new(5);
-    let weights = harma_clip::checkpoint::random_backbone(
+    let model = dir.join("model.safetensors");
+    crate::workloads::write_random_model(
         &cfg,
         harma_clip::checkpoint::RandomInit::FanIn,
-        &mut || rng.uniform(),
-        &candle_core::Device::Cpu,
+        &mut harma_data::rng::Rng::new(5),
+        &model,
     )?;
-    let model = dir.join("model.safetensors");
-    candle_core::safetensors::save(&weights, &model)?;
     Ok((model, arch))
 }
 

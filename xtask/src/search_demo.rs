@@ -28,16 +28,13 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(images.join("rasters"))?;
     let cfg = ClipConfig::tiny(Activation::QuickGelu);
     let mut rng = Rng::new(3407);
-    let weights = harma_clip::checkpoint::random_backbone(
+    let model = args.out.join("model.safetensors");
+    crate::workloads::write_random_model(
         &cfg,
         harma_clip::checkpoint::RandomInit::FanIn,
-        &mut || rng.uniform(),
-        &candle_core::Device::Cpu,
+        &mut rng,
+        &model,
     )?;
-    let named: Vec<(&str, &candle_core::Tensor)> =
-        weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let model = args.out.join("model.safetensors");
-    harma_train::output::write_safetensors(&model, &named, std::iter::empty::<(String, String)>())?;
     for i in 0..args.images {
         let img = harma_data::synth::Scene::random(&mut rng).render(256, &mut rng);
         image::RgbImage::from_raw(256, 256, img.data)

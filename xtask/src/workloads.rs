@@ -24,6 +24,20 @@ pub fn random_weights(cfg: &ClipConfig, device: &Device) -> Result<HashMap<Strin
     )?)
 }
 
+/// A CLIP of `cfg` with random weights (`init`, drawn from `rng`) written to `path` as
+/// safetensors (atomically): the models that the demos, checks and benches load from a file.
+pub fn write_random_model(
+    cfg: &ClipConfig,
+    init: harma_clip::checkpoint::RandomInit,
+    rng: &mut harma_data::rng::Rng,
+    path: &Path,
+) -> Result<()> {
+    let weights =
+        harma_clip::checkpoint::random_backbone(cfg, init, &mut || rng.uniform(), &Device::Cpu)?;
+    let named: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    harma_train::output::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
+}
+
 /// A model from open_clip-named weights (moved to `compute.device` if elsewhere).
 pub fn model_from(
     weights: HashMap<String, Tensor>,
