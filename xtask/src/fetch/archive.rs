@@ -37,6 +37,11 @@ impl Default for Limits {
     }
 }
 
+/// The most members an archive may list: RSICD's zip holds about 11,000, RSITMD's about 4,800.
+/// A tar of millions of empty members compresses to a few MB; listing them would take time and
+/// memory without end.
+pub const MAX_MEMBERS: usize = 1_000_000;
+
 /// `123`, `64K`, `64M`, `16G`, `1T` (powers of 1024; `KiB`, `MB`... accepted too).
 pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
@@ -170,12 +175,29 @@ impl<'a> Archive<'a> {
         }
     }
 
-    /// Every member, its name checked; an unsafe name is an error naming it.
+    /// Every member, its name checked; an unsafe name is an error naming it, and so is an
+    /// archive of more than [`MAX_MEMBERS`] members.
     pub fn members(&self) -> Result<Vec<Member>> {
+        self.members_up_to(MAX_MEMBERS)
+    }
+
+    fn too_many(&self, max: usize) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{}: more than {max} members: refused (the datasets' archives hold a few thousand; \
+             nothing was unpacked from it)",
+            self.name()
+        )
+    }
+
+    /// [`Archive::members`] with the member count capped at `max`.
+    fn members_up_to(&self, max: usize) -> Result<Vec<Member>> {
         let mut out = Vec::new();
         match self.format {
             Format::Zip => {
                 let mut z = self.zip()?;
+                if z.len() > max {
+                    return Err(self.too_many(max));
+                }
                 for i in 0..z.len() {
                     let (raw, enclosed, is_dir, is_link, size) = {
                         let e = z
@@ -229,6 +251,9 @@ impl<'a> Archive<'a> {
                     .entries()
                     .with_context(|| format!("{}: not a valid tar", self.name()))?;
                 for (i, e) in entries.enumerate() {
+                    if i == max {
+                        return Err(self.too_many(max));
+                    }
                     let e = e.with_context(|| format!("{}: member {i} unreadable", self.name()))?;
                     let bytes = e.path_bytes();
                     let Ok(raw) = std::str::from_utf8(&bytes).map(str::to_string) else {
@@ -780,6 +805,31 @@ mod tests {
             }
         }
         z
+    }
+
+    #[test]
+    fn archives_of_too_many_members_are_refused() {
+        let dir = std::env::temp_dir().join(format!("harma-members-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<(String, &[u8])> = (0..5).map(|i| (format!("f{i}"), &b"x"[..])).collect();
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+        let zip = zip_with(&dir, "five.zip", &refs, None);
+        let names: Vec<String> = (0..5).map(|i| format!("f{i}")).collect();
+        let entries: Vec<(&str, tar::EntryType, &str)> = names
+            .iter()
+            .map(|n| (n.as_str(), tar::EntryType::Regular, ""))
+            .collect();
+        let tar = tar_with(&dir, "five.tar", &entries);
+        for (path, name) in [(&zip, "five.zip"), (&tar, "five.tar")] {
+            let a = Archive::new(path, name).unwrap();
+            assert_eq!(a.members_up_to(5).unwrap().len(), 5, "{name}");
+            let err = a.members_up_to(4).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains("more than 4 members"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
