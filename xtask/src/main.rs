@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Time the workloads at ViT-B/32 size with random weights; optionally PyTorch beside us
     Bench(bench::Args),
-    /// Search: index build vs embed throughput, query latency exact vs HNSW at 10k-1M entries,
+    /// Search: index build vs embed throughput, query latency exact vs IVF and HNSW at 10k-1M entries,
     /// recall@10 (docs/SEARCH.md)
     BenchSearch(bench_search::Args),
     /// A small archive and a tiny random model to index and serve, offline
