@@ -83,31 +83,12 @@ impl FileId {
             }
         }
         Ok(FileId {
-            sha256: sha256_file(&path)?,
+            sha256: harma_data::sha256_file(&path)?,
             path,
             size,
             mtime_ns,
         })
     }
-}
-
-/// The sha256 of a file, in hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>())
 }
 
 /// One tile as stored.

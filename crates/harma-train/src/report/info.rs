@@ -3,36 +3,16 @@
 //! (a resumed run has several) the version and commit, the machine, the threads, the device and
 //! precision, the wall time of each phase, the pairs trained and the peak memory.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 /// The version of this build and the git commit it was built from ("unknown" outside a
 /// checkout).
 pub fn version() -> (&'static str, &'static str) {
     (env!("CARGO_PKG_VERSION"), env!("HARMA_GIT_COMMIT"))
-}
-
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 /// A file and its checksum.
@@ -51,7 +31,7 @@ impl FileHash {
         Ok(Self {
             path: path.to_path_buf(),
             bytes,
-            sha256: sha256_file(path)?,
+            sha256: harma_data::sha256_file(path)?,
         })
     }
 }
