@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::names::{name_parts, safe_join};
+use super::names::name_parts;
 
 /// Size limits while unpacking: a member's declared and actual size, and the total.
 #[derive(Debug, Clone, Copy)]
@@ -482,6 +482,7 @@ impl Drop for TempDir {
 }
 
 /// Whether a link at `entry` pointing to `target` stays under the archive root.
+#[cfg(test)]
 fn link_stays_inside(entry: &[String], target: &str) -> bool {
     if target.starts_with(['/', '\\']) {
         return false;
@@ -516,7 +517,10 @@ pub fn match_members(members: &[Member], wanted: &[Vec<String>]) -> Vec<Option<u
 /// Unpack every regular file of a .zip, .tar, .tar.gz or .tgz into `dest` within `limits`.
 /// A member whose name would land outside `dest`, or a link pointing outside, refuses the
 /// archive (an error naming it, nothing written); links that stay inside are skipped.
-/// Returns the files written.
+/// Returns the files written. `fetch-data` unpacks only the members the annotations name
+/// ([`Archive::members`], [`match_members`], [`Archive::extract`]); the tests drive those
+/// pieces through this.
+#[cfg(test)]
 pub fn unpack_with(archive: &Path, dest: &Path, limits: &Limits) -> Result<Vec<PathBuf>> {
     let name = archive.to_string_lossy();
     let a = Archive::new(archive, &name)?;
@@ -525,7 +529,13 @@ pub fn unpack_with(archive: &Path, dest: &Path, limits: &Limits) -> Result<Vec<P
     for (pos, m) in members.iter().enumerate() {
         let inside = match &m.kind {
             Kind::File => {
-                plan.push((pos, vec![safe_join(dest, Path::new(&m.parts.join("/")))?]));
+                plan.push((
+                    pos,
+                    vec![super::names::safe_join(
+                        dest,
+                        Path::new(&m.parts.join("/")),
+                    )?],
+                ));
                 continue;
             }
             Kind::Symlink(t) => link_stays_inside(&m.parts, t),
@@ -547,7 +557,7 @@ pub fn unpack_with(archive: &Path, dest: &Path, limits: &Limits) -> Result<Vec<P
 }
 
 /// [`unpack_with`] with the default limits.
-#[allow(dead_code)] // the entry point for other xtask commands; `fetch-data` unpacks by name
+#[cfg(test)]
 pub fn unpack(archive: &Path, dest: &Path) -> Result<Vec<PathBuf>> {
     unpack_with(archive, dest, &Limits::default())
 }

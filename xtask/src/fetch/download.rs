@@ -124,11 +124,6 @@ fn digests(path: &Path, git: bool) -> Result<(String, Option<String>)> {
     ))
 }
 
-#[allow(dead_code)] // the entry point for other xtask commands
-pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(digests(path, false)?.0)
-}
-
 /// Check a file against everything known about it; the error names `what` and says which
 /// check failed.
 pub fn verify(path: &Path, expect: &Expect, what: &str) -> Result<()> {
@@ -476,21 +471,6 @@ pub fn download(
     };
     while let Attempt::Again = t.attempt(token)? {}
     Ok(())
-}
-
-/// Download `url` to `dest` (resuming `dest.part`), checking the size the server announces
-/// and, if given, the sha256, before renaming into place.
-#[allow(dead_code)] // the entry point for other xtask commands; `fetch-data` passes its own `Net`
-pub fn fetch_url(url: &str, dest: &Path, sha256: Option<&str>) -> Result<()> {
-    let expect = Expect {
-        sha256: sha256.map(str::to_string),
-        ..Expect::default()
-    };
-    let what = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("download");
-    download(&Net::default(), url, dest, &expect, None, what)
 }
 
 /// What the Hub says about a file: its size and ETag (hf-hub's cache names the blob by it),

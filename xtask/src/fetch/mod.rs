@@ -22,9 +22,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 #[allow(unused_imports)] // public entry points for other xtask commands
-pub use archive::{parse_bytes, unpack, unpack_with, Limits};
+pub use archive::{parse_bytes, Limits};
 #[allow(unused_imports)]
-pub use download::{fetch_url, sha256_file, verify, Expect, Net};
+pub use download::{verify, Expect, Net};
 pub use names::safe_join;
 
 use archive::{Archive, TempDir, DEFAULT_MAX_MEMBER, DEFAULT_MAX_TOTAL};
@@ -555,7 +555,10 @@ mod tests {
         let test = &s.datasets["rsitmd"].annotations.files["test.json"];
         let ours =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/annotations/rsitmd_test.json");
-        assert_eq!(sha256_file(&ours).unwrap(), test.sha256.clone().unwrap());
+        assert_eq!(
+            harma_data::sha256_file(&ours).unwrap(),
+            test.sha256.clone().unwrap()
+        );
         // a pin that is not a checksum is caught when the file is read
         let dir = std::env::temp_dir().join(format!("harma-sources-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
