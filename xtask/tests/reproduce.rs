@@ -6,71 +6,14 @@
 //! continued by rerunning the same command; a third run finds it finished.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sha2::Digest;
 
-/// Serve `files` on 127.0.0.1 (one connection at a time, ranges honoured, as hf-hub needs);
-/// returns the base URL. Every body request is counted in `hits`.
-fn serve(files: HashMap<String, Vec<u8>>, hits: Arc<Mutex<usize>>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let mut range: Option<(u64, Option<u64>)> = None;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    let (a, b) = v.trim().split_once('-').unwrap();
-                    range = Some((a.parse().unwrap(), b.parse().ok()));
-                }
-            }
-            let Some(body) = files.get(&path) else {
-                let _ = stream.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                continue;
-            };
-            let total = body.len() as u64;
-            let (start, end) = match range {
-                Some((a, b)) => (a, b.unwrap_or(total - 1).min(total - 1)),
-                None => (0, total - 1),
-            };
-            if range != Some((0, Some(0))) {
-                *hits.lock().unwrap() += 1;
-            }
-            let status = if range.is_some() {
-                "206 Partial Content"
-            } else {
-                "200 OK"
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{total}\r\n\
-                 ETag: \"{:x}\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\n\
-                 Accept-Ranges: bytes\r\nConnection: close\r\n\r\n",
-                end - start + 1,
-                sha2::Sha256::digest(body)
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body[start as usize..=end as usize]);
-            let _ = stream.flush();
-        }
-    });
-    base
-}
+mod common;
+use common::{serve, State};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("harma-reproduce-{name}-{}", std::process::id()));
@@ -147,8 +90,13 @@ fn stand_ins(dir: &Path) -> (HashMap<String, Vec<u8>>, serde_json::Value) {
 fn reproduce_quick_fetches_trains_reports_and_continues() {
     let dir = temp_dir("quick");
     let (files, sources) = stand_ins(&dir);
-    let hits = Arc::new(Mutex::new(0));
-    let base = serve(files, hits.clone());
+    let state = Arc::new(Mutex::new(State {
+        files,
+        ..State::default()
+    }));
+    let base = serve(state.clone());
+    // every request for a file's bytes (the Hub's one-byte probes are not counted)
+    let hits = || state.lock().unwrap().requests.len();
     let sources_path = dir.join("sources.json");
     std::fs::write(&sources_path, sources.to_string()).unwrap();
     let out = dir.join("report");
@@ -197,7 +145,7 @@ fn reproduce_quick_fetches_trains_reports_and_continues() {
         "{text}"
     );
     assert_eq!(steps(), (1..=6).collect::<Vec<_>>());
-    let fetched = *hits.lock().unwrap();
+    let fetched = hits();
     assert!(fetched >= 5, "annotations, images and the model: {fetched}");
     assert!(dir.join("data/rsitmd/.complete").exists());
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -207,11 +155,7 @@ fn reproduce_quick_fetches_trains_reports_and_continues() {
     let text = reproduce(&[]);
     assert!(text.contains("continuing the run"), "{text}");
     assert_eq!(steps(), (1..=12).collect::<Vec<_>>());
-    assert_eq!(
-        *hits.lock().unwrap(),
-        fetched,
-        "nothing is downloaded twice"
-    );
+    assert_eq!(hits(), fetched, "nothing is downloaded twice");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     let zero = m["start"]["test"]["r_mean"].as_f64().unwrap();
