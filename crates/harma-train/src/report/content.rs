@@ -682,20 +682,14 @@ pub(super) fn run_page(f: &Folder) -> Result<Page> {
             vec![Block::Table(val_table(f))],
         ));
     }
-    let mut page = Page {
+    let page = Page {
         title: format!("HarMA run: {}", f.title()),
         subtitle: format!("{train} from {init}; {status}"),
         blocks,
         footer: footer(),
         ..Page::default()
     };
-    if let Some(ex) = &f.examples {
-        page.blocks.extend(examples_blocks(ex));
-        page.thumbnails = ex.thumbnails.clone();
-    }
-    page.blocks.push(Block::Heading("Run details".into()));
-    page.blocks.extend(details_blocks(f));
-    Ok(page)
+    Ok(examples_and_details(page, f, "Run details"))
 }
 
 /// The page of an evaluation (`harma eval --report`).
@@ -759,7 +753,7 @@ pub(super) fn eval_page(f: &Folder, e: &EvalRecord) -> Page {
         numeric: true,
         ..Table::default()
     }));
-    let mut page = Page {
+    let page = Page {
         title: format!("HarMA evaluation: {}", f.title()),
         subtitle: format!(
             "{} with {}, {adapters}",
@@ -770,11 +764,17 @@ pub(super) fn eval_page(f: &Folder, e: &EvalRecord) -> Page {
         footer: footer(),
         ..Page::default()
     };
+    examples_and_details(page, f, "Details")
+}
+
+/// A page's last sections: the retrieval examples (with their thumbnails) when the folder has
+/// them, then the folder's details under `heading`.
+fn examples_and_details(mut page: Page, f: &Folder, heading: &str) -> Page {
     if let Some(ex) = &f.examples {
         page.blocks.extend(examples_blocks(ex));
         page.thumbnails = ex.thumbnails.clone();
     }
-    page.blocks.push(Block::Heading("Details".into()));
+    page.blocks.push(Block::Heading(heading.into()));
     page.blocks.extend(details_blocks(f));
     page
 }
