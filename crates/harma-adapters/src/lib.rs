@@ -211,29 +211,31 @@ pub fn init_tensors(
 // Adapter layers read their tensors at every forward (`Linear::trained`, gates through
 // `sigmoid` in `forward`), so optimiser updates to the variables take effect.
 
-fn mha(vb: &VarBuilder, d: usize, heads: usize, kernels: Kernels) -> Result<MultiHeadAttention> {
+// In `compute`'s precision: under bf16 their products take bf16 operands (f32 weights and sums).
+
+fn mha(vb: &VarBuilder, d: usize, heads: usize, compute: &Compute) -> Result<MultiHeadAttention> {
     Ok(MultiHeadAttention {
-        in_proj: Linear::trained(
-            vb.get((3 * d, d), "in_proj_weight")?,
-            Some(vb.get(3 * d, "in_proj_bias")?),
-            kernels,
-        ),
-        out_proj: Linear::trained(
-            vb.get((d, d), "out_proj.weight")?,
-            Some(vb.get(d, "out_proj.bias")?),
-            kernels,
-        ),
+        in_proj: trained(vb, (3 * d, d), "in_proj_weight", "in_proj_bias", compute)?,
+        out_proj: trained(vb, (d, d), "out_proj.weight", "out_proj.bias", compute)?,
         heads,
-        kernels,
+        kernels: compute.kernels,
     })
 }
 
-fn linear(vb: &VarBuilder, out: usize, inp: usize, kernels: Kernels) -> Result<Linear> {
-    Ok(Linear::trained(
-        vb.get((out, inp), "weight")?,
-        Some(vb.get(out, "bias")?),
-        kernels,
-    ))
+fn linear(vb: &VarBuilder, out: usize, inp: usize, compute: &Compute) -> Result<Linear> {
+    trained(vb, (out, inp), "weight", "bias", compute)
+}
+
+fn trained(
+    vb: &VarBuilder,
+    (out, inp): (usize, usize),
+    weight: &str,
+    bias: &str,
+    compute: &Compute,
+) -> Result<Linear> {
+    let w = vb.get((out, inp), weight)?;
+    let b = vb.get(out, bias)?;
+    Ok(Linear::trained(w, Some(b), compute.kernels).with_precision(compute)?)
 }
 
 /// A gate's raw (pre-sigmoid) scalar.
@@ -265,11 +267,11 @@ pub struct BiShareAdapter {
 }
 
 impl BiShareAdapter {
-    fn new(vb: VarBuilder, d: usize, heads: usize, kernels: Kernels) -> Result<Self> {
+    fn new(vb: VarBuilder, d: usize, heads: usize, compute: &Compute) -> Result<Self> {
         Ok(Self {
-            l1: linear(&vb.pp("l1"), d / 2, d, kernels)?,
-            l2: linear(&vb.pp("l2"), d, d / 2, kernels)?,
-            attn: mha(&vb.pp("multihead_attention1"), d / 2, heads, kernels)?,
+            l1: linear(&vb.pp("l1"), d / 2, d, compute)?,
+            l2: linear(&vb.pp("l2"), d, d / 2, compute)?,
+            attn: mha(&vb.pp("multihead_attention1"), d / 2, heads, compute)?,
             gate: gate(&vb, "gate1")?,
         })
     }
@@ -327,7 +329,7 @@ impl HarmaAdapters {
         cfg: &AdapterConfig,
         compute: &Compute,
     ) -> Result<Self> {
-        let (device, kernels) = (&compute.device, compute.kernels);
+        let device = &compute.device;
         let expected = expected_shapes(clip, cfg);
         let mut problems = Vec::new();
         for (k, shape) in &expected {
@@ -376,7 +378,7 @@ impl HarmaAdapters {
                         a.pp("BiShareAdapterxx"),
                         cfg.hidden,
                         cfg.share_heads,
-                        kernels,
+                        compute,
                     )?;
                     shares.push(s.clone());
                     Some(s)
@@ -384,9 +386,9 @@ impl HarmaAdapters {
                     shares.get(i).cloned()
                 };
                 let adapter = MmAdapter {
-                    down: linear(&a.pp("img_proj_down"), cfg.hidden, width, kernels)?,
-                    up: linear(&a.pp("img_proj_up"), width, cfg.hidden, kernels)?,
-                    attn: mha(&a.pp("multihead_attention"), cfg.hidden, cfg.heads, kernels)?,
+                    down: linear(&a.pp("img_proj_down"), cfg.hidden, width, compute)?,
+                    up: linear(&a.pp("img_proj_up"), width, cfg.hidden, compute)?,
+                    attn: mha(&a.pp("multihead_attention"), cfg.hidden, cfg.heads, compute)?,
                     share,
                     gate: gate(&a, "gate1")?,
                 };

@@ -3,15 +3,18 @@
 //! Both operands of every product are rounded to bf16 (round to nearest even) and the products
 //! are summed in f32. The products run on the [`Bf16Kernel`] the [`crate::Compute`] names:
 //! AMX tiles, AVX512-BF16, or the f32 GEMM over bf16-rounded operands (the same products at
-//! f32 speed). The frozen weight is packed for its kernel once, when the layer is built.
+//! f32 speed). The frozen weight is packed for its kernel once, when the layer is built;
+//! [`bf16_matmul`] serves products whose right-hand side changes from call to call (a trained
+//! adapter's weight, an activation in a weight gradient), packing it for that one product.
 
 use crate::compute::Bf16Kernel;
 use crate::raw::bf16::round_bf16;
 use crate::raw::gemm::{gemm_acc, linear_f32};
 use crate::raw::{amx, avx512bf16};
 
-/// A frozen linear layer `y = x w^T + b` with bf16 operands and f32 sums. The weight is kept
-/// in the two layouts its forward (`x w^T`) and input gradient (`g w`) read.
+/// A frozen linear layer `y = x w^T + b` with bf16 operands and f32 sums. On AMX the weight is
+/// kept in the two layouts its forward (`x w^T`) and input gradient (`g w`) read; on
+/// AVX512-BF16 in the forward's only, the gradient's made from it at each backward.
 #[derive(Debug)]
 pub struct Bf16Linear {
     pub in_dim: usize,
@@ -24,11 +27,8 @@ pub struct Bf16Linear {
 enum Weights {
     /// AMX tiles: `w^T` [in, out] and `w` [out, in], packed.
     Amx { fwd: amx::Packed, bwd: amx::Packed },
-    /// AVX512-BF16 panels: `w^T` [in, out] and `w` [out, in], packed.
-    Avx512 {
-        fwd: avx512bf16::Packed,
-        bwd: avx512bf16::Packed,
-    },
+    /// AVX512-BF16 panels: `w^T` [in, out], packed.
+    Avx512(avx512bf16::Packed),
     /// For the f32 GEMM: `w^T` [in, out], row-major, bf16-rounded.
     F32(Vec<f32>),
 }
@@ -56,10 +56,11 @@ impl Bf16Linear {
                 fwd: amx::Packed::new(in_dim, out_dim, |k, n| w_t[k * out_dim + n]),
                 bwd: amx::Packed::new(out_dim, in_dim, |k, n| w_t[n * out_dim + k]),
             },
-            Bf16Kernel::Avx512 => Weights::Avx512 {
-                fwd: avx512bf16::Packed::new(in_dim, out_dim, |k, n| w_t[k * out_dim + n]),
-                bwd: avx512bf16::Packed::new(out_dim, in_dim, |k, n| w_t[n * out_dim + k]),
-            },
+            Bf16Kernel::Avx512 => {
+                Weights::Avx512(avx512bf16::Packed::new(in_dim, out_dim, |k, n| {
+                    w_t[k * out_dim + n]
+                }))
+            }
             Bf16Kernel::F32 => Weights::F32(w_t.iter().map(|&v| round_bf16(v)).collect()),
         };
         Self {
@@ -74,7 +75,7 @@ impl Bf16Linear {
     pub fn kernel(&self) -> Bf16Kernel {
         match self.weights {
             Weights::Amx { .. } => Bf16Kernel::Amx,
-            Weights::Avx512 { .. } => Bf16Kernel::Avx512,
+            Weights::Avx512(_) => Bf16Kernel::Avx512,
             Weights::F32(_) => Bf16Kernel::F32,
         }
     }
@@ -83,7 +84,7 @@ impl Bf16Linear {
     pub fn weight_t(&self) -> Vec<f32> {
         match &self.weights {
             Weights::Amx { fwd, .. } => fwd.unpack(),
-            Weights::Avx512 { fwd, .. } => fwd.unpack(),
+            Weights::Avx512(fwd) => fwd.unpack(),
             Weights::F32(w) => w.clone(),
         }
     }
@@ -93,12 +94,13 @@ impl Bf16Linear {
         assert_eq!(x.len(), rows * self.in_dim, "bf16 linear: input size");
         match &self.weights {
             Weights::Amx { fwd, .. } => amx::matmul(x, rows, fwd, self.bias.as_deref()),
-            Weights::Avx512 { fwd, .. } => avx512bf16::matmul(x, rows, fwd, self.bias.as_deref()),
-            Weights::F32(w_t) => {
-                let x: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
-                let dims = (rows, self.in_dim, self.out_dim);
-                linear_f32(&x, w_t, self.bias.as_deref(), dims)
-            }
+            Weights::Avx512(fwd) => avx512bf16::matmul(x, rows, fwd, self.bias.as_deref()),
+            Weights::F32(w_t) => linear_f32(
+                &rounded(x),
+                w_t,
+                self.bias.as_deref(),
+                (rows, self.in_dim, self.out_dim),
+            ),
         }
     }
 
@@ -107,15 +109,41 @@ impl Bf16Linear {
         assert_eq!(g.len(), rows * self.out_dim, "bf16 linear: gradient size");
         match &self.weights {
             Weights::Amx { bwd, .. } => amx::matmul(g, rows, bwd, None),
-            Weights::Avx512 { bwd, .. } => avx512bf16::matmul(g, rows, bwd, None),
+            Weights::Avx512(fwd) => avx512bf16::matmul(g, rows, &fwd.transposed(), None),
             Weights::F32(w) => {
                 let mut y = vec![0.0; rows * self.in_dim];
-                let g: Vec<f32> = g.iter().map(|&v| round_bf16(v)).collect();
                 let (k, n) = (self.out_dim, self.in_dim);
                 // w [k = out, n = in] is w_t read transposed
-                gemm_acc(&mut y, &g, rows, k, n, (w, 1, k as isize));
+                gemm_acc(&mut y, &rounded(g), rows, k, n, (w, 1, k as isize));
                 y
             }
+        }
+    }
+}
+
+/// Every value rounded to bf16 (kept in f32).
+fn rounded(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| round_bf16(v)).collect()
+}
+
+/// `a` [m, k] (row-major) times `b` [k, n], read as `b(row, column)`, plus `bias` [n]: bf16
+/// operands, f32 sums, on `kernel` (which must be [`Bf16Kernel::available`]). `b` is packed
+/// for this one product: for right-hand sides that change from call to call. Packing costs
+/// `k n` reads against the product's `m k n` multiply-adds.
+pub fn bf16_matmul(
+    kernel: Bf16Kernel,
+    a: &[f32],
+    (m, k, n): (usize, usize, usize),
+    b: impl Fn(usize, usize) -> f32 + Sync,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "bf16 matmul: left operand size");
+    match kernel {
+        Bf16Kernel::Amx => amx::matmul(a, m, &amx::Packed::new(k, n, b), bias),
+        Bf16Kernel::Avx512 => avx512bf16::matmul(a, m, &avx512bf16::Packed::new(k, n, b), bias),
+        Bf16Kernel::F32 => {
+            let b: Vec<f32> = (0..k * n).map(|i| round_bf16(b(i / n, i % n))).collect();
+            linear_f32(&rounded(a), &b, bias, (m, k, n))
         }
     }
 }
@@ -185,6 +213,8 @@ mod tests {
             (13, 1, 1),
         ] {
             let (x, w_t, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+            // w [n, k]: w_t's storage transposed
+            let w: Vec<f32> = (0..n * k).map(|i| w_t[(i % k) * n + i / k]).collect();
             let lin = Bf16Linear::new(&w_t, k, n, Some(b.clone()), kernel);
             assert_eq!(lin.kernel(), kernel);
             let y = lin.forward(&x, m);
@@ -195,15 +225,18 @@ mod tests {
             );
             // input gradient: g [m, n] times w [n, k], i.e. w_t^T
             let g = values(m * n, 4);
-            let w: Vec<f32> = (0..n * k).map(|i| w_t[(i % k) * n + i / k]).collect();
             let gx = lin.backward(&g, m);
             let err = worst(&gx, &reference(&g, &w, None, m, n, k));
             assert!(
                 err <= 1.0,
                 "{kernel} backward {m}x{k}x{n}: {err} x the bound"
             );
-            let rounded: Vec<f32> = w_t.iter().map(|&v| round_bf16(v)).collect();
-            assert_eq!(lin.weight_t(), rounded);
+            assert_eq!(lin.weight_t(), rounded(&w_t));
+            // a right-hand side packed for one product, read through a closure (here from
+            // storage transposed)
+            let y = bf16_matmul(kernel, &x, (m, k, n), |kk, j| w[j * k + kk], Some(&b));
+            let err = worst(&y, &reference(&x, &w_t, Some(&b), m, k, n));
+            assert!(err <= 1.0, "{kernel} matmul {m}x{k}x{n}: {err} x the bound");
         }
     }
 

@@ -26,8 +26,9 @@ pub enum Precision {
     /// f32 everywhere
     #[default]
     F32,
-    /// bf16 operands with f32 sums in the backbone's linear layers; layer norms, attention,
-    /// adapters and optimiser stay f32
+    /// bf16 operands with f32 sums in every linear layer, the backbone's and the adapters'
+    /// (as PyTorch's autocast runs `nn.Linear`); layer norms, softmax, attention's products,
+    /// the adapters' weights and gradients and the optimiser stay f32
     Bf16,
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::bf16_linear::Bf16Linear;
-use crate::compute::{Compute, Kernels, Precision};
+use crate::compute::{Bf16Kernel, Compute, Kernels, Precision};
 use crate::ops::{Bf16LinearGrad, Bf16LinearOp, LinearBias};
 
 /// The weight of a [`Linear`].
@@ -15,8 +15,10 @@ pub enum Weight {
     /// right-hand side up to 1.4x faster than a transposed view.
     Frozen(Tensor),
     /// Trained (a `Var`'s tensor, [out, in]): transposed at each forward so that updates to the
-    /// variable take effect and gradients reach it.
-    Trained(Tensor),
+    /// variable take effect and gradients reach it. With a [`Bf16Kernel`] (`--precision bf16`
+    /// on the CPU) its products take bf16 operands and sum in f32, as under PyTorch's autocast;
+    /// the weight and its gradient stay f32.
+    Trained(Tensor, Option<Bf16Kernel>),
     /// Frozen, in bf16 on the CPU ([`Precision::Bf16`]): on the [`crate::Bf16Kernel`] it was
     /// built for, with its bias inside.
     CpuBf16(Arc<Bf16Linear>),
@@ -45,7 +47,7 @@ impl Linear {
     /// A trained layer (an adapter's): `weight` and `bias` are read at every forward.
     pub fn trained(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Self {
         Self {
-            weight: Weight::Trained(weight),
+            weight: Weight::Trained(weight, None),
             bias,
             kernels,
         }
@@ -55,7 +57,7 @@ impl Linear {
     pub fn weight_t(&self) -> Result<Tensor> {
         Ok(match &self.weight {
             Weight::Frozen(t) => t.clone(),
-            Weight::Trained(w) => w.t()?.contiguous()?,
+            Weight::Trained(w, _) => w.t()?.contiguous()?,
             Weight::CpuBf16(l) => Tensor::from_vec(
                 l.weight_t(),
                 (l.in_dim, l.out_dim),
@@ -64,10 +66,11 @@ impl Linear {
         })
     }
 
-    /// A frozen f32 layer in `compute`'s precision; a trained or bf16 one is left as it is.
-    /// In bf16 (mixed precision) the layer's products take bf16 operands and sum in f32. On
-    /// the CPU that is [`Bf16Linear`] on `compute.bf16` (bias kept in f32); elsewhere the
-    /// weight and bias are stored in bf16 and the input is cast to it and the result back.
+    /// The layer in `compute`'s precision. In bf16 (mixed precision) the layer's products take
+    /// bf16 operands and sum in f32. A frozen layer on the CPU becomes a [`Bf16Linear`] on
+    /// `compute.bf16` (bias kept in f32); elsewhere its weight and bias are stored in bf16 and
+    /// the input is cast to it and the result back. A trained layer on the fused CPU kernels
+    /// keeps its f32 weight and multiplies on `compute.bf16`; elsewhere it stays f32.
     pub fn with_precision(&self, compute: &Compute) -> Result<Self> {
         let dtype = compute.precision.dtype();
         Ok(match &self.weight {
@@ -95,7 +98,17 @@ impl Linear {
                 bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
                 kernels: self.kernels,
             },
-            Weight::Trained(_) | Weight::CpuBf16(_) => self.clone(),
+            Weight::Trained(w, _) => {
+                let bf16 = (compute.precision == Precision::Bf16
+                    && w.device().is_cpu()
+                    && self.kernels == Kernels::Fused)
+                    .then_some(compute.bf16);
+                Self {
+                    weight: Weight::Trained(w.clone(), bf16),
+                    ..self.clone()
+                }
+            }
+            Weight::CpuBf16(_) => self.clone(),
         })
     }
 
@@ -111,7 +124,7 @@ impl Linear {
         match &self.weight {
             Weight::CpuBf16(_) => true,
             Weight::Frozen(w) => cpu_f32(w) && self.bias.as_ref().is_none_or(cpu_f32),
-            Weight::Trained(_) => false,
+            Weight::Trained(..) => false,
         }
     }
 
@@ -123,7 +136,7 @@ impl Linear {
         let gx = match &self.weight {
             Weight::CpuBf16(l) => g2.apply_op1_no_bwd(&Bf16LinearGrad(l.clone()))?,
             Weight::Frozen(w_t) => g2.matmul(&w_t.t()?)?,
-            Weight::Trained(w) => g2.matmul(w)?,
+            Weight::Trained(w, _) => g2.matmul(w)?,
         };
         *dims.last_mut().unwrap() = gx.dim(1)?;
         gx.reshape(dims)
@@ -147,7 +160,11 @@ impl Linear {
                 // the fused CPU kernel, or the backend's GEMM elsewhere: both with a backward
                 // that skips frozen weights
                 Some(b) if self.kernels != Kernels::Generic => {
-                    x2.contiguous()?.apply_op3(&weight_t, b, LinearBias)?
+                    let op = match self.weight {
+                        Weight::Trained(_, bf16) => LinearBias(bf16),
+                        _ => LinearBias::F32,
+                    };
+                    x2.contiguous()?.apply_op3(&weight_t, b, op)?
                 }
                 Some(b) => x2.matmul(&weight_t)?.broadcast_add(b)?,
                 None => x2.matmul(&weight_t)?,

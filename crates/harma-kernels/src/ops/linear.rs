@@ -6,12 +6,35 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::contiguous_f32;
-use crate::bf16_linear::Bf16Linear;
+use crate::bf16_linear::{bf16_matmul, Bf16Linear};
+use crate::compute::Bf16Kernel;
 use crate::raw::gemm::linear_f32;
 
 /// `x @ w^T + b` with the bias written first and accumulated into by the GEMM, saving the
 /// separate pass (and fresh buffer) of a broadcast add. `x` [rows, in], `w_t` [in, out], `b` [out].
-pub struct LinearBias;
+/// With a [`Bf16Kernel`] (a trained layer under `--precision bf16` on the CPU, as PyTorch's
+/// autocast runs `nn.Linear`), its three products (forward, input and weight gradients) take
+/// bf16 operands and sum in f32 on that kernel; the weight, bias and gradients stay f32.
+pub struct LinearBias(pub Option<Bf16Kernel>);
+
+impl LinearBias {
+    /// f32 products on the GEMM.
+    pub const F32: LinearBias = LinearBias(None);
+
+    /// `a @ b` with each operand read transposed where asked, in this op's precision.
+    fn product(&self, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> candle_core::Result<Tensor> {
+        match self.0 {
+            Some(kernel) => a
+                .contiguous()?
+                .apply_op2_no_bwd(&b.contiguous()?, &Bf16Product { kernel, ta, tb }),
+            None => {
+                let a = if ta { a.t()? } else { a.clone() };
+                let b = if tb { b.t()? } else { b.clone() };
+                a.matmul(&b)
+            }
+        }
+    }
+}
 
 impl candle_core::CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
@@ -31,7 +54,10 @@ impl candle_core::CustomOp3 for LinearBias {
         let w = contiguous_f32(ws, wl, "linear")?;
         let b = contiguous_f32(bs, bl, "linear")?;
         let (rows, inp, out) = linear_dims(xl, wl, bl)?;
-        let y = linear_f32(x, w, Some(b), (rows, inp, out));
+        let y = match self.0 {
+            None => linear_f32(x, w, Some(b), (rows, inp, out)),
+            Some(k) => bf16_matmul(k, x, (rows, inp, out), |i, j| w[i * out + j], Some(b)),
+        };
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -71,11 +97,83 @@ impl candle_core::CustomOp3 for LinearBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gx = x.track_op().then(|| grad.matmul(&w_t.t()?)).transpose()?;
-        let gw = w_t.track_op().then(|| x.t()?.matmul(grad)).transpose()?;
+        let gx = x
+            .track_op()
+            .then(|| self.product(grad, w_t, false, true))
+            .transpose()?;
+        let gw = w_t
+            .track_op()
+            .then(|| self.product(x, grad, true, false))
+            .transpose()?;
         let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
         Ok((gx, gw, gb))
     }
+}
+
+/// `A @ B` of two contiguous f32 CPU matrices, each read transposed where `ta` / `tb` say,
+/// with bf16 operands and f32 sums on `kernel`; no backward (it serves [`LinearBias`]'s).
+struct Bf16Product {
+    kernel: Bf16Kernel,
+    ta: bool,
+    tb: bool,
+}
+
+impl candle_core::CustomOp2 for Bf16Product {
+    fn name(&self) -> &'static str {
+        "bf16-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, "bf16 product")?;
+        let b = contiguous_f32(s2, l2, "bf16 product")?;
+        let (r1, c1) = l1.shape().dims2()?;
+        let (r2, c2) = l2.shape().dims2()?;
+        let (m, k) = if self.ta { (c1, r1) } else { (r1, c1) };
+        let (k2, n) = if self.tb { (c2, r2) } else { (r2, c2) };
+        if k != k2 {
+            candle_core::bail!(
+                "bf16 product: {:?}{} times {:?}{}",
+                l1.dims(),
+                if self.ta { " transposed" } else { "" },
+                l2.dims(),
+                if self.tb { " transposed" } else { "" }
+            );
+        }
+        // the left operand row-major (the kernels round and pack it by rows)
+        let a_t;
+        let a = if self.ta {
+            a_t = transposed(a, r1, c1);
+            &a_t
+        } else {
+            a
+        };
+        let y = if self.tb {
+            bf16_matmul(self.kernel, a, (m, k, n), |i, j| b[j * k + i], None)
+        } else {
+            bf16_matmul(self.kernel, a, (m, k, n), |i, j| b[i * n + j], None)
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `a` [rows, cols] (row-major) as [cols, rows], row-major.
+fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut t = vec![0f32; rows * cols];
+    t.par_chunks_mut(rows.max(1))
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = a[r * cols + c];
+            }
+        });
+    t
 }
 
 /// (rows, in, out) of a linear op on `x` [rows, in], `w_t` [in, out], `b` [out]; an error
@@ -192,7 +290,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (37, 24), &dev)?;
         let w_t = Tensor::randn(0f32, 1.0, (24, 19), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 19, &dev)?;
-        let fused = x.apply_op3(&w_t, &b, LinearBias)?;
+        let fused = x.apply_op3(&w_t, &b, LinearBias::F32)?;
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w_t.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
@@ -220,8 +318,101 @@ mod tests {
         }
         // a misshapen bias is refused with the shapes named
         let bad = Tensor::zeros(18, candle_core::DType::F32, &dev)?;
-        let err = x.apply_op3(&w_t, &bad, LinearBias).unwrap_err().to_string();
+        let err = x
+            .apply_op3(&w_t, &bad, LinearBias::F32)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[18]"), "{err}");
+        Ok(())
+    }
+
+    /// A trained layer under bf16 (`LinearBias` with a kernel): its output and its three
+    /// gradients are the products of the bf16-rounded operands summed in f32, on every kernel
+    /// this CPU has (the f32 fallback always): within f32 summation error of f64 sums.
+    #[test]
+    fn a_bf16_linear_bias_multiplies_rounded_operands() -> candle_core::Result<()> {
+        use crate::raw::bf16::round_bf16;
+        let dev = Device::Cpu;
+        let (rows, inp, out) = (37, 45, 19);
+        let x = candle_core::Var::randn(0f32, 1.0, (rows, inp), &dev)?;
+        let w_t = candle_core::Var::randn(0f32, 1.0, (inp, out), &dev)?;
+        let b = candle_core::Var::randn(0f32, 1.0, out, &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (rows, out), &dev)?;
+        let v = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
+            let t = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(t.iter().map(|&a| round_bf16(a) as f64).collect())
+        };
+        let (xr, wr, gr) = (v(&x)?, v(&w_t)?, v(&g)?);
+        // sum_k a[i, k] b[k, j] over f64, with sum |terms| for the bound
+        let mm = |a: &dyn Fn(usize, usize) -> f64,
+                  bm: &dyn Fn(usize, usize) -> f64,
+                  (m, k, n): (usize, usize, usize)| {
+            let mut y = vec![(0f64, 0f64); m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    for kk in 0..k {
+                        let t = a(i, kk) * bm(kk, j);
+                        y[i * n + j].0 += t;
+                        y[i * n + j].1 += t.abs();
+                    }
+                }
+            }
+            y
+        };
+        let want_y = mm(
+            &|i, k| xr[i * inp + k],
+            &|k, j| wr[k * out + j],
+            (rows, inp, out),
+        );
+        let want_gx = mm(
+            &|i, k| gr[i * out + k],
+            &|k, j| wr[j * out + k],
+            (rows, out, inp),
+        );
+        let want_gw = mm(
+            &|i, k| xr[k * inp + i],
+            &|k, j| gr[k * out + j],
+            (inp, rows, out),
+        );
+        let bias = b.as_tensor().to_vec1::<f32>()?;
+        let close = |got: &Tensor, want: &[(f64, f64)], add: &dyn Fn(usize) -> f64, what: &str| {
+            let got = got.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (i, (a, (w, abs))) in got.iter().zip(want).enumerate() {
+                let bound = (rows.max(inp) + 2) as f64 * (2f64).powi(-24) * (abs + add(i).abs());
+                let err = (*a as f64 - (w + add(i))).abs();
+                assert!(
+                    err <= bound,
+                    "{what} {i}: {a} vs {} (bound {bound})",
+                    w + add(i)
+                );
+            }
+            candle_core::Result::Ok(())
+        };
+        let mut ran = vec![];
+        for kernel in Bf16Kernel::ALL {
+            if !kernel.available() {
+                eprintln!("skipped: the {kernel} kernel (this CPU or OS lacks it)");
+                continue;
+            }
+            let y = x.apply_op3(&w_t, &b, LinearBias(Some(kernel)))?;
+            close(&y, &want_y, &|i| bias[i % out] as f64, "forward")?;
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            close(grads.get(&x).unwrap(), &want_gx, &|_| 0.0, "input gradient")?;
+            close(
+                grads.get(&w_t).unwrap(),
+                &want_gw,
+                &|_| 0.0,
+                "weight gradient",
+            )?;
+            // the bias gradient is the f32 column sum of the unrounded output gradient
+            let gb = grads.get(&b).unwrap().to_vec1::<f32>()?;
+            let want_gb = g.sum(0)?.to_vec1::<f32>()?;
+            assert_eq!(gb, want_gb, "{kernel} bias gradient");
+            ran.push(kernel.name());
+        }
+        eprintln!("tested bf16 kernels: {}", ran.join(", "));
+        assert!(ran.contains(&"f32"));
         Ok(())
     }
 }

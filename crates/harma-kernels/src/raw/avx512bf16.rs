@@ -76,21 +76,57 @@ mod imp {
             Self { k, n, kp, data }
         }
 
+        /// The bf16 bits of element (`kk`, `j`).
+        #[inline(always)]
+        fn bits(&self, kk: usize, j: usize) -> u16 {
+            let v = self.data[(j / NR) * self.kp * NR + (kk / 2) * NR + j % NR];
+            if kk.is_multiple_of(2) {
+                v as u16
+            } else {
+                (v >> 16) as u16
+            }
+        }
+
         /// Back to row-major [k, n] f32 (the bf16-rounded values).
         pub fn unpack(&self) -> Vec<f32> {
             let mut out = vec![0f32; self.k * self.n];
             for kk in 0..self.k {
                 for j in 0..self.n {
-                    let v = self.data[(j / NR) * self.kp * NR + (kk / 2) * NR + j % NR];
-                    let bits = if kk % 2 == 0 {
-                        v as u16
-                    } else {
-                        (v >> 16) as u16
-                    };
-                    out[kk * self.n + j] = crate::raw::bf16::bf16_to_f32(bits);
+                    out[kk * self.n + j] = crate::raw::bf16::bf16_to_f32(self.bits(kk, j));
                 }
             }
             out
+        }
+
+        /// The transpose, `b^T` [n, k], packed: what a frozen layer's input gradient
+        /// multiplies by, made from the forward's packing when needed instead of kept beside
+        /// it (half the weights' memory; it costs `k n` copies against the product's `m k n`
+        /// multiply-adds). The values are the same bf16 values, bit for bit.
+        pub fn transposed(&self) -> Packed {
+            let (k, n) = (self.n, self.k);
+            let kp = k.div_ceil(2);
+            let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+            data.par_chunks_mut(kp * NR)
+                .enumerate()
+                .for_each(|(t, panel)| {
+                    // columns t*NR.. of b^T are rows t*NR.. of b: pair rows t*NR/2.. of self
+                    let pairs = (NR / 2).min(self.kp - t * NR / 2);
+                    for p in 0..kp {
+                        // rows 2p, 2p + 1 of b^T are columns j, j + 1 of b, side by side
+                        // in one of self's panels (j even, NR even)
+                        let j = 2 * p;
+                        let src = &self.data[(j / NR) * self.kp * NR + j % NR..];
+                        let dst = &mut panel[p * NR..(p + 1) * NR];
+                        for r in 0..pairs {
+                            // a = (b[2r][j], b[2r+1][j]), c = (b[2r][j+1], b[2r+1][j+1])
+                            let a = src[(t * NR / 2 + r) * NR];
+                            let c = src[(t * NR / 2 + r) * NR + 1];
+                            dst[2 * r] = (a & 0xffff) | c << 16;
+                            dst[2 * r + 1] = a >> 16 | (c & 0xffff_0000);
+                        }
+                    }
+                });
+            Packed { k, n, kp, data }
         }
     }
 
@@ -210,17 +246,18 @@ mod imp {
         if let Some(bias) = bias {
             assert_eq!(bias.len(), n, "avx512-bf16 matmul: bias size");
         }
-        let mut c = vec![0f32; m * n];
         if m == 0 || n == 0 {
-            return c;
+            return vec![0f32; m * n];
         }
+        // not zero-filled: the blocks below write every element
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
         let ap = pack_a(a, m, k, kp);
         let panels = n.div_ceil(NR);
         let mut bias_p = vec![0f32; panels * NR];
         if let Some(bias) = bias {
             bias_p[..n].copy_from_slice(bias);
         }
-        let out = DisjointWrites::new(&mut c);
+        let out = DisjointWrites::new(&mut c.spare_capacity_mut()[..m * n]);
         // row chunks of up to 8 register blocks (48 rows), times parts of the panels when
         // there are too few chunks to keep the threads busy
         let chunk = 8 * MR;
@@ -236,7 +273,7 @@ mod imp {
                 for r0 in rows.clone().step_by(MR) {
                     let nr = MR.min(rows.end - r0);
                     // rows r0..r0+nr, columns t*NR..t*NR+width of c [m, n]
-                    let dst = out.at(r0 * n + t * NR, (nr - 1) * n + width);
+                    let dst = out.at(r0 * n + t * NR, (nr - 1) * n + width) as *mut f32;
                     // SAFETY: AVX512-BF16 is available (checked above); the packed operands
                     // hold rows r0..r0+nr of kp pairs and panel t of kp * NR pairs; bias_p
                     // holds NR floats from t * NR; the block of c is inside it (checked by
@@ -258,6 +295,10 @@ mod imp {
                 }
             }
         });
+        // SAFETY: the tasks above wrote all m * n elements: the chunks cover rows 0..m, the
+        // parts cover panels 0..panels, and each block writes its nr rows by `width` columns,
+        // the panels' widths adding up to n.
+        unsafe { c.set_len(m * n) };
         c
     }
 
@@ -296,6 +337,40 @@ mod imp {
         std::hint::black_box(s);
         (iters * CHAINS * 64) as f64 / secs / 1e9
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The transpose made from a packing holds the same bf16 values, bit for bit, at every
+        /// shape (odd and even sizes, less and more than a panel).
+        #[test]
+        fn the_transposed_packing_is_the_transpose() {
+            if !available() {
+                eprintln!("skipped: this CPU has no AVX512-BF16 (Packed::transposed is only used with it)");
+                return;
+            }
+            for (k, n) in [(1, 1), (7, 3), (64, 64), (45, 130), (130, 45), (768, 97)] {
+                let b = |i: usize, j: usize| ((i * 131 + j * 71) % 997) as f32 / 997.0 - 0.5;
+                let p = Packed::new(k, n, b);
+                let t = p.transposed();
+                assert_eq!((t.k, t.n), (n, k));
+                let (pu, tu) = (p.unpack(), t.unpack());
+                for i in 0..k {
+                    for j in 0..n {
+                        assert_eq!(
+                            tu[j * k + i].to_bits(),
+                            pu[i * n + j].to_bits(),
+                            "{k}x{n} at {i},{j}"
+                        );
+                    }
+                }
+                // and the padding stays zero: packing b^T directly gives the same words
+                let direct = Packed::new(n, k, |i, j| b(j, i));
+                assert_eq!(t.data, direct.data, "{k}x{n}");
+            }
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -309,6 +384,9 @@ mod stub {
             unreachable!("AVX512-BF16 is x86_64 only")
         }
         pub fn unpack(&self) -> Vec<f32> {
+            unreachable!()
+        }
+        pub fn transposed(&self) -> Packed {
             unreachable!()
         }
     }
