@@ -57,9 +57,7 @@ impl Bf16Linear {
                 bwd: amx::Packed::new(out_dim, in_dim, |k, n| w_t[n * out_dim + k]),
             },
             Bf16Kernel::Avx512 => {
-                Weights::Avx512(avx512bf16::Packed::new(in_dim, out_dim, |k, n| {
-                    w_t[k * out_dim + n]
-                }))
+                Weights::Avx512(avx512bf16::Packed::from_rows(w_t, in_dim, out_dim))
             }
             Bf16Kernel::F32 => Weights::F32(w_t.iter().map(|&v| round_bf16(v)).collect()),
         };
@@ -126,25 +124,25 @@ fn rounded(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| round_bf16(v)).collect()
 }
 
-/// `a` [m, k] (row-major) times `b` [k, n], read as `b(row, column)`, plus `bias` [n]: bf16
-/// operands, f32 sums, on `kernel` (which must be [`Bf16Kernel::available`]). `b` is packed
-/// for this one product: for right-hand sides that change from call to call. Packing costs
-/// `k n` reads against the product's `m k n` multiply-adds.
+/// `a` [m, k] times `b` [k, n] (both row-major) plus `bias` [n]: bf16 operands, f32 sums, on
+/// `kernel` (which must be [`Bf16Kernel::available`]). `b` is packed for this one product: for
+/// right-hand sides that change from call to call. Packing costs `k n` reads against the
+/// product's `m k n` multiply-adds.
 pub fn bf16_matmul(
     kernel: Bf16Kernel,
     a: &[f32],
     (m, k, n): (usize, usize, usize),
-    b: impl Fn(usize, usize) -> f32 + Sync,
+    b: &[f32],
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     assert_eq!(a.len(), m * k, "bf16 matmul: left operand size");
+    assert_eq!(b.len(), k * n, "bf16 matmul: right operand size");
     match kernel {
-        Bf16Kernel::Amx => amx::matmul(a, m, &amx::Packed::new(k, n, b), bias),
-        Bf16Kernel::Avx512 => avx512bf16::matmul(a, m, &avx512bf16::Packed::new(k, n, b), bias),
-        Bf16Kernel::F32 => {
-            let b: Vec<f32> = (0..k * n).map(|i| round_bf16(b(i / n, i % n))).collect();
-            linear_f32(&rounded(a), &b, bias, (m, k, n))
+        Bf16Kernel::Amx => amx::matmul(a, m, &amx::Packed::new(k, n, |i, j| b[i * n + j]), bias),
+        Bf16Kernel::Avx512 => {
+            avx512bf16::matmul(a, m, &avx512bf16::Packed::from_rows(b, k, n), bias)
         }
+        Bf16Kernel::F32 => linear_f32(&rounded(a), &rounded(b), bias, (m, k, n)),
     }
 }
 
@@ -232,9 +230,8 @@ mod tests {
                 "{kernel} backward {m}x{k}x{n}: {err} x the bound"
             );
             assert_eq!(lin.weight_t(), rounded(&w_t));
-            // a right-hand side packed for one product, read through a closure (here from
-            // storage transposed)
-            let y = bf16_matmul(kernel, &x, (m, k, n), |kk, j| w[j * k + kk], Some(&b));
+            // a right-hand side packed for one product
+            let y = bf16_matmul(kernel, &x, (m, k, n), &w_t, Some(&b));
             let err = worst(&y, &reference(&x, &w_t, Some(&b), m, k, n));
             assert!(err <= 1.0, "{kernel} matmul {m}x{k}x{n}: {err} x the bound");
         }

@@ -56,7 +56,7 @@ impl candle_core::CustomOp3 for LinearBias {
         let (rows, inp, out) = linear_dims(xl, wl, bl)?;
         let y = match self.0 {
             None => linear_f32(x, w, Some(b), (rows, inp, out)),
-            Some(k) => bf16_matmul(k, x, (rows, inp, out), |i, j| w[i * out + j], Some(b)),
+            Some(k) => bf16_matmul(k, x, (rows, inp, out), w, Some(b)),
         };
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -105,8 +105,45 @@ impl candle_core::CustomOp3 for LinearBias {
             .track_op()
             .then(|| self.product(x, grad, true, false))
             .transpose()?;
-        let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
+        let gb = b.track_op().then(|| column_sums(grad)).transpose()?;
         Ok((gx, gw, gb))
+    }
+}
+
+/// `g` [rows, cols] summed over its rows: a bias's gradient. On the CPU each column's sum runs
+/// down the rows in order, as Candle's `sum(0)` does (the same f32 result), in parallel over
+/// blocks of columns, instead of Candle's reduction, which read the matrix across its strides
+/// (4% of a bf16 training step in a profile). Elsewhere `sum(0)`.
+pub fn column_sums(g: &Tensor) -> candle_core::Result<Tensor> {
+    if !g.device().is_cpu() || g.dtype() != candle_core::DType::F32 || g.rank() != 2 {
+        return g.sum(0);
+    }
+    g.contiguous()?.apply_op1_no_bwd(&ColumnSums)
+}
+
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = contiguous_f32(s, l, "column sums")?;
+        let (rows, cols) = l.shape().dims2()?;
+        const BLOCK: usize = 64;
+        let mut out = vec![0f32; cols];
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, acc)| {
+            let c0 = b * BLOCK;
+            for r in 0..rows {
+                let row = &g[r * cols + c0..r * cols + c0 + acc.len()];
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(cols)))
     }
 }
 
@@ -145,32 +182,44 @@ impl candle_core::CustomOp2 for Bf16Product {
                 if self.tb { " transposed" } else { "" }
             );
         }
-        // the left operand row-major (the kernels round and pack it by rows)
-        let a_t;
+        // both operands row-major (the kernels read them by rows)
+        let (a_t, b_t);
         let a = if self.ta {
             a_t = transposed(a, r1, c1);
             &a_t
         } else {
             a
         };
-        let y = if self.tb {
-            bf16_matmul(self.kernel, a, (m, k, n), |i, j| b[j * k + i], None)
+        let b = if self.tb {
+            b_t = transposed(b, r2, c2);
+            &b_t
         } else {
-            bf16_matmul(self.kernel, a, (m, k, n), |i, j| b[i * n + j], None)
+            b
         };
+        let y = bf16_matmul(self.kernel, a, (m, k, n), b, None);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
-/// `a` [rows, cols] (row-major) as [cols, rows], row-major.
+/// `a` [rows, cols] (row-major) as [cols, rows], row-major: in tiles of 32 x 32, read and
+/// written a cache line at a time, in parallel over blocks of 32 output rows.
 fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
+    const T: usize = 32;
     let mut t = vec![0f32; rows * cols];
-    t.par_chunks_mut(rows.max(1))
+    t.par_chunks_mut((T * rows).max(1))
         .enumerate()
-        .for_each(|(c, dst)| {
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = a[r * cols + c];
+        .for_each(|(blk, dst)| {
+            let c0 = blk * T;
+            let cs = dst.len() / rows.max(1);
+            for r0 in (0..rows).step_by(T) {
+                let r1 = (r0 + T).min(rows);
+                for c in 0..cs {
+                    let out = &mut dst[c * rows + r0..c * rows + r1];
+                    for (o, r) in out.iter_mut().zip(r0..r1) {
+                        *o = a[r * cols + c0 + c];
+                    }
+                }
             }
         });
     t
@@ -405,14 +454,28 @@ mod tests {
                 &|_| 0.0,
                 "weight gradient",
             )?;
-            // the bias gradient is the f32 column sum of the unrounded output gradient
+            // the bias gradient is the f32 column sum of the unrounded output gradient, in
+            // Candle's order
             let gb = grads.get(&b).unwrap().to_vec1::<f32>()?;
             let want_gb = g.sum(0)?.to_vec1::<f32>()?;
             assert_eq!(gb, want_gb, "{kernel} bias gradient");
+            assert_eq!(column_sums(&g)?.to_vec1::<f32>()?, want_gb);
             ran.push(kernel.name());
         }
         eprintln!("tested bf16 kernels: {}", ran.join(", "));
         assert!(ran.contains(&"f32"));
+        Ok(())
+    }
+
+    /// The bias gradient's column sums equal Candle's `sum(0)` bit for bit (same order), over
+    /// several column blocks and a partial one.
+    #[test]
+    fn column_sums_are_candles_sums() -> candle_core::Result<()> {
+        for (rows, cols) in [(1, 1), (300, 150), (2464, 768), (5, 64)] {
+            let g = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
+            let want = g.sum(0)?.to_vec1::<f32>()?;
+            assert_eq!(column_sums(&g)?.to_vec1::<f32>()?, want, "{rows}x{cols}");
+        }
         Ok(())
     }
 }

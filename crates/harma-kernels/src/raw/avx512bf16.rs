@@ -55,20 +55,28 @@ mod imp {
     }
 
     impl Packed {
-        pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        /// From `b` [k, n], row-major f32.
+        pub fn from_rows(b: &[f32], k: usize, n: usize) -> Self {
+            assert_eq!(b.len(), k * n, "avx512-bf16 packing: operand size");
             let kp = k.div_ceil(2);
             let panels = n.div_ceil(NR);
             let mut data = vec![0u32; panels * kp * NR];
             data.par_chunks_mut(kp * NR)
                 .enumerate()
                 .for_each(|(t, panel)| {
-                    for p in 0..kp {
-                        for c in 0..NR {
-                            let j = t * NR + c;
-                            if j < n {
-                                let lo = b(2 * p, j);
-                                let hi = if 2 * p + 1 < k { b(2 * p + 1, j) } else { 0.0 };
-                                panel[p * NR + c] = pair(lo, hi);
+                    let cols = t * NR..(t * NR + NR).min(n);
+                    let width = cols.len();
+                    for (p, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        let dst = &mut dst[..width];
+                        let lo = &b[2 * p * n..][cols.clone()];
+                        if 2 * p + 1 < k {
+                            let hi = &b[(2 * p + 1) * n..][cols.clone()];
+                            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                                *d = pair(l, h);
+                            }
+                        } else {
+                            for (d, &l) in dst.iter_mut().zip(lo) {
+                                *d = pair(l, 0.0);
                             }
                         }
                     }
@@ -352,7 +360,8 @@ mod imp {
             }
             for (k, n) in [(1, 1), (7, 3), (64, 64), (45, 130), (130, 45), (768, 97)] {
                 let b = |i: usize, j: usize| ((i * 131 + j * 71) % 997) as f32 / 997.0 - 0.5;
-                let p = Packed::new(k, n, b);
+                let bv: Vec<f32> = (0..k * n).map(|i| b(i / n, i % n)).collect();
+                let p = Packed::from_rows(&bv, k, n);
                 let t = p.transposed();
                 assert_eq!((t.k, t.n), (n, k));
                 let (pu, tu) = (p.unpack(), t.unpack());
@@ -366,7 +375,8 @@ mod imp {
                     }
                 }
                 // and the padding stays zero: packing b^T directly gives the same words
-                let direct = Packed::new(n, k, |i, j| b(j, i));
+                let bt: Vec<f32> = (0..n * k).map(|i| b(i % k, i / k)).collect();
+                let direct = Packed::from_rows(&bt, n, k);
                 assert_eq!(t.data, direct.data, "{k}x{n}");
             }
         }
@@ -380,7 +390,7 @@ mod stub {
     pub struct Packed;
 
     impl Packed {
-        pub fn new(_k: usize, _n: usize, _b: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        pub fn from_rows(_b: &[f32], _k: usize, _n: usize) -> Self {
             unreachable!("AVX512-BF16 is x86_64 only")
         }
         pub fn unpack(&self) -> Vec<f32> {
