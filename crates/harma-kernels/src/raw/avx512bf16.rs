@@ -138,23 +138,31 @@ mod imp {
         }
     }
 
-    /// The left operand `a` [m, k] as rows of bf16 pairs [m, kp].
+    /// The left operand `a` [m, k] as rows of bf16 pairs [m, kp], rows in parallel in groups
+    /// (a task per row cost more than its rounding).
     fn pack_a(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u32> {
         let mut out = vec![0u32; m * kp];
         out.par_chunks_mut(kp.max(1))
             .zip(a.par_chunks(k.max(1)))
             .take(m)
-            .for_each(|(dst, row)| {
-                let pairs = row.chunks_exact(2);
-                let last = pairs.remainder().first().copied();
-                for (d, p) in dst.iter_mut().zip(pairs) {
-                    *d = pair(p[0], p[1]);
-                }
-                if let Some(lo) = last {
-                    dst[kp - 1] = pair(lo, 0.0);
-                }
-            });
+            .with_min_len(16)
+            // SAFETY: `matmul`, the only caller, checked that the CPU has AVX512-BF16 (which
+            // implies AVX-512 F).
+            .for_each(|(dst, row)| unsafe { pack_row(dst, row) });
         out
+    }
+
+    /// One row of [`pack_a`], compiled for AVX-512 so that the rounding vectorises.
+    #[target_feature(enable = "avx512f")]
+    fn pack_row(dst: &mut [u32], row: &[f32]) {
+        let pairs = row.chunks_exact(2);
+        let last = pairs.remainder().first().copied();
+        for (d, p) in dst.iter_mut().zip(pairs) {
+            *d = pair(p[0], p[1]);
+        }
+        if let Some(lo) = last {
+            dst[row.len() / 2] = pair(lo, 0.0);
+        }
     }
 
     /// `ROWS` rows (at most [`MR`]) of one panel: `c[r][0..width] = bias + sum_p a[r][p] . b[p]`.
