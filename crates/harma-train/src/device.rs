@@ -115,8 +115,9 @@ pub struct ComputeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArg,
-    /// The frozen backbone's linear layers: f32, or bf16 (mixed precision: bf16 operands, f32
-    /// sums; layer norms, attention, adapters and optimiser stay f32). bf16 runs on GPU tensor
+    /// The linear layers' products: f32, or bf16 (mixed precision: bf16 operands, f32 sums, in
+    /// the backbone's linear layers and on the CPU the adapters' too; layer norms, attention,
+    /// the adapters' weights and gradients and the optimiser stay f32). bf16 runs on GPU tensor
     /// cores, and on CPUs with Intel AMX or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
     /// Lake and later); other CPUs compute the same products at f32 speed.
     /// HARMA_BF16_KERNEL=amx|avx512bf16|f32 forces a CPU kernel, HARMA_AMX=0 turns AMX off
