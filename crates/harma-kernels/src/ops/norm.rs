@@ -4,39 +4,14 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
-
-/// Lanes of the partial sums in [`lane_sum`].
-const LANES: usize = 16;
-
-/// `sum_i f(a[i], b[i])` over two slices of one length, in [`LANES`] partial sums (element i
-/// goes to partial i mod 16, added in order; the partials are then added in order, the tail
-/// last): the additions of one row overlap instead of waiting on each other (a row of 768 took
-/// 768 dependent additions), and the compiler keeps the partials in vector registers.
-#[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(&x, &y)| f(x, y))
-        .sum();
-    for (ca, cb) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += f(ca[l], cb[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+use crate::raw::simd::{lane_sum_with, LANES};
 
 /// Mean and 1 / sqrt(variance + eps) of one row (two passes, for accuracy on the residual
-/// stream's large values).
+/// stream's large values; each in 16 partial sums, whose additions overlap).
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = lane_sum(x, x, |v, _| v) / d;
-    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / d;
+    let mean = lane_sum_with(x, x, |v, _| v) / d;
+    let var = lane_sum_with(x, x, |v, _| (v - mean) * (v - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -48,7 +23,7 @@ fn check_rows(op: &str, xl: &Layout, d: usize) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// `sum_i g[i] w[i] (x[i] - mean)` in [`LANES`] partial sums, as [`lane_sum`].
+/// `sum_i g[i] w[i] (x[i] - mean)` in [`LANES`] partial sums, as [`lane_sum_with`].
 fn centred_dot(g: &[f32], w: &[f32], x: &[f32], mean: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = g.len() / LANES * LANES;
@@ -170,7 +145,7 @@ impl candle_core::CustomOp3 for LayerNormBwd {
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (x, g))| {
                 let (mean, inv) = row_stats(x, eps);
-                let mg = lane_sum(g, w, |g, w| g * w) / d as f32;
+                let mg = lane_sum_with(g, w, |g, w| g * w) / d as f32;
                 let mgx = inv * centred_dot(g, w, x, mean) / d as f32;
                 for i in 0..d {
                     let xhat = (x[i] - mean) * inv;

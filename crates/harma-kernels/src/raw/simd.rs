@@ -54,20 +54,34 @@ pub fn fast_exp(x: f32) -> f32 {
 
 /// Lanes of the partial maxima and sums below: independent accumulators let the loops
 /// vectorise (a single running sum or maximum would be a serial chain).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
+
+/// `sum_i f(a[i], b[i])` over two slices of one length through [`LANES`] partial sums
+/// (element i goes to partial i mod 16, in order; then the partials in order, the tail last):
+/// a fixed order, whatever the CPU.
+#[inline(always)]
+pub(crate) fn lane_sum_with(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (ca, cb) in ac.zip(bc) {
+        for j in 0..LANES {
+            acc[j] += f(ca[j], cb[j]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
 
 /// The sum of a slice through [`LANES`] partial sums.
 #[inline(always)]
 fn lane_sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for j in 0..LANES {
-            acc[j] += c[j];
-        }
-    }
-    acc.iter().sum::<f32>() + rest
+    lane_sum_with(x, x, |v, _| v)
 }
 
 /// Softmax of one row in place.
@@ -101,20 +115,7 @@ fn softmax_row_inner(row: &mut [f32]) {
 /// `dS = P * (dP - rowsum(dP * P)) * scale` for one row, in place over `dp`.
 #[inline(always)]
 fn softmax_bwd_row_inner(p: &[f32], dp: &mut [f32], scale: f32) {
-    let mut acc = [0f32; LANES];
-    let (pc, dc) = (p.chunks_exact(LANES), dp.chunks_exact(LANES));
-    let rest: f32 = pc
-        .remainder()
-        .iter()
-        .zip(dc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in pc.zip(dc) {
-        for j in 0..LANES {
-            acc[j] += a[j] * b[j];
-        }
-    }
-    let dot = acc.iter().sum::<f32>() + rest;
+    let dot = lane_sum_with(p, dp, |a, b| a * b);
     for (g, &pv) in dp.iter_mut().zip(p) {
         *g = pv * (*g - dot) * scale;
     }
