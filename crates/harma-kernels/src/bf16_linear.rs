@@ -147,13 +147,13 @@ pub fn bf16_matmul(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// f64 sums of bf16-rounded operands: what every kernel must compute, up to f32 rounding;
     /// and for each output the f32 summation bound `(k + 1) u sum |terms|` (u = 2^-24): the
     /// worst-case error of adding k + 1 terms in f32 in any order, each product exact.
-    fn reference(
+    pub(crate) fn reference(
         x: &[f32],
         w_t: &[f32],
         b: Option<&[f32]>,
@@ -193,7 +193,7 @@ mod tests {
     }
 
     /// The largest error over its bound (at most 1 when every output is within it).
-    fn worst(got: &[f32], (want, bound): &(Vec<f64>, Vec<f64>)) -> f64 {
+    pub(crate) fn worst(got: &[f32], (want, bound): &(Vec<f64>, Vec<f64>)) -> f64 {
         got.iter()
             .zip(want.iter().zip(bound))
             .map(|(a, (w, b))| (*a as f64 - w).abs() / b.max(f64::MIN_POSITIVE))
