@@ -14,7 +14,7 @@ mod storage;
 
 pub use activation::{QuickGelu, QuickGeluBwd};
 pub use attention::Attention;
-pub use linear::{linear_bias_storage, Bf16LinearGrad, Bf16LinearOp, LinearBias};
+pub use linear::{column_sums, linear_bias_storage, Bf16LinearGrad, Bf16LinearOp, LinearBias};
 pub use mix::GatedMix;
 pub use norm::{LayerNormBwd, LayerNormOp};
 pub use seed::backward_from;

@@ -3,8 +3,8 @@
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
-use crate::raw::simd::{lane_sum_with, LANES};
+use super::{column_sums, contiguous_f32};
+use crate::raw::simd::lane_sum_with;
 
 /// Mean and 1 / sqrt(variance + eps) of one row (two passes, for accuracy on the residual
 /// stream's large values; each in 16 partial sums, whose additions overlap).
@@ -21,23 +21,6 @@ fn check_rows(op: &str, xl: &Layout, d: usize) -> candle_core::Result<()> {
         candle_core::bail!("{op}: input {:?} against a gain of {d}", xl.dims());
     }
     Ok(())
-}
-
-/// `sum_i g[i] w[i] (x[i] - mean)` in [`LANES`] partial sums, as [`lane_sum_with`].
-fn centred_dot(g: &[f32], w: &[f32], x: &[f32], mean: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = g.len() / LANES * LANES;
-    for ((cg, cw), cx) in g[..chunks]
-        .chunks_exact(LANES)
-        .zip(w[..chunks].chunks_exact(LANES))
-        .zip(x[..chunks].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            acc[l] += cg[l] * cw[l] * (cx[l] - mean);
-        }
-    }
-    let tail: f32 = (chunks..g.len()).map(|i| g[i] * w[i] * (x[i] - mean)).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Layer norm over the last dimension, `x` [rows, d], `w` and `b` [d]. The backward gives the
@@ -102,11 +85,11 @@ impl candle_core::CustomOp3 for LayerNormOp {
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
             let xhat = xc.broadcast_div(&(var + self.eps as f64)?.sqrt()?)?;
-            Some((grad * &xhat)?.sum(0)?)
+            Some(column_sums(&(grad * &xhat)?)?)
         } else {
             None
         };
-        let gb = b.track_op().then(|| grad.sum(0)).transpose()?;
+        let gb = b.track_op().then(|| column_sums(grad)).transpose()?;
         Ok((gx, gw, gb))
     }
 }
@@ -145,11 +128,15 @@ impl candle_core::CustomOp3 for LayerNormBwd {
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (x, g))| {
                 let (mean, inv) = row_stats(x, eps);
-                let mg = lane_sum_with(g, w, |g, w| g * w) / d as f32;
-                let mgx = inv * centred_dot(g, w, x, mean) / d as f32;
-                for i in 0..d {
-                    let xhat = (x[i] - mean) * inv;
-                    o[i] = inv * (g[i] * w[i] - mg - xhat * mgx);
+                // g w, once, in the output row
+                for ((o, &g), &w) in o.iter_mut().zip(g).zip(w) {
+                    *o = g * w;
+                }
+                let mg = lane_sum_with(o, o, |gw, _| gw) / d as f32;
+                let mgx = inv * lane_sum_with(o, x, |gw, x| gw * (x - mean)) / d as f32;
+                for (o, &x) in o.iter_mut().zip(x) {
+                    let xhat = (x - mean) * inv;
+                    *o = inv * (*o - mg - xhat * mgx);
                 }
             });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
