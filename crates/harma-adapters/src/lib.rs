@@ -54,10 +54,13 @@ pub enum Sharing {
     None,
 }
 
+/// The key of the trained temperature of the contrastive loss (the original's).
+pub const TEMP_KEY: &str = "temp";
+
 /// Whether a (prefix-stripped) checkpoint key is one of HarMA's trainable tensors: an
 /// adapter's, a gate, or the temperature.
 pub fn is_adapter_key(key: &str) -> bool {
-    key == "temp" || key.contains(".mmadapter.") || key.ends_with(".gate1")
+    key == TEMP_KEY || key.contains(".mmadapter.") || key.ends_with(".gate1")
 }
 
 /// The adapter tensors of a file, `model.`/`module.` prefixes removed: an adapters-only

@@ -168,6 +168,13 @@ pub struct OptimConfig {
     /// Clip the global gradient norm to this value [default: no clipping]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// Take the update the original's DistributedDataParallel takes on W GPUs: every trained
+    /// tensor's gradient divided by W but `temp`'s (its AllGather gives each GPU only its own
+    /// rows' share of the gradient, and DDP averages the GPUs'). AdamW then differs from
+    /// W = 1 where a gradient is near its eps. 1: the global batch's gradient, on any number
+    /// of ranks (--nproc). `cargo xtask reproduce` sets 2, the original's two GPUs
+    #[arg(long, value_name = "W", default_value_t = 1)]
+    pub emulate_ddp: usize,
 }
 
 /// The objective.
@@ -562,6 +569,9 @@ impl TrainConfig {
                 "--warmup is a fraction of the steps in [0, 1), got {}",
                 self.optim.warmup
             );
+        }
+        if self.optim.emulate_ddp == 0 {
+            bail!("--emulate-ddp is a number of GPUs, at least 1 (1: no emulation)");
         }
         if self
             .optim

@@ -142,6 +142,7 @@ impl TrainConfig {
             loss: self.loss(),
             max_grad_norm: self.optim.max_grad_norm,
             recompute: self.run.recompute,
+            emulate_ddp: self.optim.emulate_ddp,
         }
     }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::Clip;
@@ -28,6 +29,9 @@ pub struct TrainerSettings {
     pub max_grad_norm: Option<f64>,
     /// Recompute each block in the backward instead of keeping its activations.
     pub recompute: bool,
+    /// Take the update of the original's DDP over this many GPUs: every trained tensor's
+    /// gradient divided by it but `temp`'s (1: the global batch's gradient as it is).
+    pub emulate_ddp: usize,
 }
 
 /// What one step did, for the log.
@@ -154,6 +158,28 @@ impl Trainer {
             .collect()
     }
 
+    /// The gradient the original's update sees when it trains on `emulate_ddp` GPUs
+    /// (docs/DISTRIBUTED.md "The original's two-GPU update"): its `AllGather` hands each GPU
+    /// the loss's gradient at that GPU's rows only and DDP averages the GPUs' gradients, so
+    /// every tensor reached through the embeddings gets the global batch's gradient divided
+    /// by the number of GPUs; `temp`, which every GPU reaches whole through the loss, gets
+    /// all of it. `grads` holds the global batch's gradients (on any number of ranks here).
+    fn emulate_ddp(&self, grads: &mut GradStore) -> Result<()> {
+        let w = self.settings.emulate_ddp;
+        if w <= 1 {
+            return Ok(());
+        }
+        for (name, v) in &self.vars {
+            if name == harma_adapters::TEMP_KEY {
+                continue;
+            }
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g / w as f64)?);
+            }
+        }
+        Ok(())
+    }
+
     /// One step on `batch` (this rank's shard of the global batch when on several ranks): the
     /// loss and its gradients, optional clipping, and an AdamW update at the scheduled learning
     /// rate. A non-finite loss is a [`NonFiniteLoss`] error and changes nothing.
@@ -193,6 +219,7 @@ impl Trainer {
             .into());
         }
         drop(terms);
+        self.emulate_ddp(&mut grads)?;
         let grad_norm = match self.settings.max_grad_norm {
             Some(m) => Some(self.opt.clip_grad_norm(&mut grads, m)?),
             None => None,

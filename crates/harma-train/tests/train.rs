@@ -776,6 +776,25 @@ fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> 
     eprintln!("2 processes vs one: adapters {adapters:.1e}, losses {loss:.1e}");
     assert!(adapters <= 1e-5 && loss <= 1e-6, "{adapters} {loss}");
 
+    // --emulate-ddp 2 (the original's two-GPU update): the same in one process and on two,
+    // and another update than the plain runs'
+    let emulated = args(&dir, "emulated-one").set("--emulate-ddp", 2);
+    train(&emulated.resolve()?, false, &Control::default())?;
+    let out = launched(&args(&dir, "emulated-two").set("--emulate-ddp", 2)).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (same, loss) = run_difference(&dir.join("emulated-two"), &dir.join("emulated-one"));
+    let (apart, _) = run_difference(&dir.join("emulated-two"), one.out());
+    eprintln!(
+        "--emulate-ddp 2, 2 processes vs one: adapters {same:.1e}, losses {loss:.1e}; vs the \
+         plain run: adapters {apart:.1e}"
+    );
+    assert!(same <= 1e-5 && loss <= 1e-6, "{same} {loss}");
+    assert!(apart >= 10.0 * same.max(adapters), "{apart} vs {same}");
+
     // Ctrl-C on the launcher: both ranks stop after the same step, rank 0 saves once
     let long = args(&dir, "stopped").set("--steps", 100_000);
     let child = launched(&long)
