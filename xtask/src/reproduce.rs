@@ -133,6 +133,10 @@ pub struct Args {
     /// Root of the data layout (docs/DATA.md)
     #[arg(long, value_name = "DIR", default_value = "data")]
     data_dir: PathBuf,
+    /// Print the settings the run would train with (its config.toml) and stop: nothing is
+    /// fetched, trained or written
+    #[arg(long)]
+    dry_run: bool,
     /// Another sources file (tests, mirrors)
     #[arg(long, value_name = "FILE", hide = true)]
     sources: Option<PathBuf>,
@@ -266,14 +270,16 @@ fn recipe(args: &Args, sets: &[(String, toml::Value)], init: &Path, out: &Path) 
         (
             "batch_size".into(),
             toml::Value::Integer(428),
-            "the original's global batch: 214 on each of 2 GPUs, in one process here".into(),
+            "the original's global batch: 214 on each of 2 GPUs, whose features both losses \
+             gather (contrastive and triplet over 428 pairs, at weight 1 each)"
+                .into(),
         ),
         (
-            "triplet_weight".into(),
-            toml::Value::Float(0.5),
-            "the original sums the triplet term within each GPU's 214 pairs; over 428 pairs \
-             an anchor has twice the negatives, so 0.5 keeps the original's balance with the \
-             contrastive term (in expectation)"
+            "emulate_ddp".into(),
+            toml::Value::Integer(2),
+            "the update of the original's 2 GPUs: DDP averages the share of the gradient each \
+             GPU's AllGather hands back, so every adapter gets half the global batch's \
+             gradient and `temp` all of it (docs/DISTRIBUTED.md), whatever --nproc is here"
                 .into(),
         ),
         (
@@ -361,14 +367,26 @@ fn finished(dir: &Path) -> bool {
     metrics(dir).is_some_and(|m| m.test.is_some())
 }
 
+/// The backbone's entry in the sources list.
+fn model_entry<'a>(args: &Args, sources: &'a fetch::Sources) -> Result<&'a fetch::ModelSource> {
+    let name = args.backbone.name();
+    sources
+        .models
+        .get(name)
+        .with_context(|| format!("the sources list no model `{name}`"))
+}
+
+/// Where the backbone's weights are (or will be once fetched).
+fn model_path(args: &Args, sources: &fetch::Sources) -> Result<PathBuf> {
+    let model = model_entry(args, sources)?;
+    Ok(std::path::absolute(args.data_dir.join(&model.dest))?)
+}
+
 /// Step 1: the model and the dataset in place (fetched or resumed); the model's path.
 fn fetch_inputs(args: &Args) -> Result<PathBuf> {
     let sources = fetch::Sources::load(args.sources.as_deref())?;
     let model_name = args.backbone.name();
-    let model = sources
-        .models
-        .get(model_name)
-        .with_context(|| format!("the sources list no model `{model_name}`"))?;
+    let model = model_entry(args, &sources)?;
     let dataset = sources
         .datasets
         .get(args.dataset.name())
@@ -389,7 +407,30 @@ fn fetch_inputs(args: &Args) -> Result<PathBuf> {
         "data and weights in place ({:.1}s)",
         t.elapsed().as_secs_f64()
     );
-    Ok(std::path::absolute(args.data_dir.join(&model.dest))?)
+    model_path(args, &sources)
+}
+
+/// `--dry-run`: the recipe resolved as `harma train` resolves it, printed as the config.toml
+/// the run would write; nothing fetched or written.
+fn dry_run(args: &Args, out: &Path, sets: &[(String, toml::Value)]) -> Result<()> {
+    let init = model_path(args, &fetch::Sources::load(args.sources.as_deref())?)?;
+    let recipe = recipe(args, sets, &init, out);
+    println!(
+        "# {}: the settings it would train with (a `harma train --config` file)",
+        command_line(args)
+    );
+    for (k, v, why) in &recipe {
+        if k != "out" && k != "init" {
+            println!("# {k} = {v}: {why}");
+        }
+    }
+    let cfg = TrainConfig::resolve(&TrainArgs {
+        data_dir: Some(args.data_dir.clone()),
+        flags: recipe.into_iter().map(|(k, v, _)| (k, v)).collect(),
+        ..TrainArgs::default()
+    })?;
+    print!("{}", cfg.to_toml()?);
+    Ok(())
 }
 
 /// The command that runs (and continues) this reproduction.
@@ -423,12 +464,11 @@ fn comparison(
     }
     let mut notes = vec![args.backbone.note().to_string()];
     notes.push(
-        "One process trains the original's global batch of 428 (214 on each of 2 GPUs there): \
-         the same pairs per update, the same number of updates per epoch, the same \
-         contrastive loss over 428 pairs. The original's triplet term is summed within each \
-         GPU's 214 pairs and DDP averages the two GPUs' gradients; here it is summed over all \
-         428 with weight 0.5, which gives the original's balance of the two terms in \
-         expectation (AdamW ignores the overall factor of 2)."
+        "The original's global batch of 428 (214 on each of 2 GPUs there) on any number of \
+         ranks here: the same pairs per update, the same number of updates per epoch, both \
+         losses over the 428 gathered pairs, and the original's two-GPU update \
+         (`emulate_ddp = 2`: each adapter's gradient halved, `temp`'s whole, as DDP's average \
+         of the gradients its AllGather hands each GPU)."
             .into(),
     );
     if args.quick {
@@ -553,6 +593,9 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|kv| parse_set(kv))
         .collect::<Result<Vec<_>>>()?;
+    if args.dry_run {
+        return dry_run(args, &out, &sets);
+    }
     println!(
         "reproduce: HarMA on {} from {} -> {}",
         args.dataset.name(),

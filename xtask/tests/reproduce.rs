@@ -225,3 +225,45 @@ fn reproduce_quick_fetches_trains_reports_and_continues() {
     assert_eq!(steps().len(), 12);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--dry-run` prints the config.toml the recipe resolves to (the original's: both losses at
+/// weight 1 over the global batch of 428, its two-GPU update) and touches nothing: no data
+/// folder, no report folder, no request (the default sources point at the real hosts, which
+/// this machine cannot reach).
+#[test]
+fn reproduce_dry_run_prints_the_recipe_and_fetches_nothing() {
+    let dir = temp_dir("dry");
+    for (dataset, epochs) in [("rsitmd", 80), ("rsicd", 80)] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["reproduce", "--dry-run", "--dataset", dataset])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .current_dir(&dir)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HARMA_GITHUB_RAW", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert!(o.status.success(), "{out}{err}");
+        let cfg: toml::Table = out.parse().unwrap_or_else(|e| panic!("{e}: {out}"));
+        let get = |k: &str| cfg.get(k).unwrap_or_else(|| panic!("no `{k}` in {out}"));
+        assert_eq!(get("emulate_ddp").as_integer(), Some(2), "{out}");
+        assert_eq!(get("triplet_weight").as_float(), Some(1.0), "{out}");
+        assert_eq!(get("contrastive_weight").as_float(), Some(1.0), "{out}");
+        assert_eq!(get("batch_size").as_integer(), Some(428), "{out}");
+        assert_eq!(get("epochs").as_integer(), Some(epochs), "{out}");
+        assert_eq!(get("lr").as_float(), Some(4e-6), "{out}");
+        assert_eq!(get("dataset").as_str(), Some(dataset), "{out}");
+        let train = get("train_json").as_str().unwrap();
+        assert!(train.ends_with(&format!("{dataset}/train.json")), "{train}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "--dry-run wrote {left:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
