@@ -13,7 +13,8 @@
 //! 3. [`nn`]: the layers (linear, layer norm, multi-head attention, a block's fused frozen
 //!    branches) that run the ops their [`Kernels`] names.
 //!
-//! Beside them, [`runtime`]: the process-wide settings the kernels run best under.
+//! Beside them, [`runtime`]: the process-wide settings the kernels run best under; and
+//! [`testing`]: which kernels the tests run (every one the CPU has; `HARMA_REQUIRE_KERNELS`).
 //!
 //! Errors are Candle's: these are Candle ops.
 
@@ -23,6 +24,7 @@ pub mod nn;
 pub mod ops;
 pub mod raw;
 pub mod runtime;
+pub mod testing;
 
 pub use candle_core::{Error, Result};
 pub use compute::{Bf16Kernel, Compute, Kernels, Precision};

@@ -399,11 +399,7 @@ mod tests {
             candle_core::Result::Ok(())
         };
         let mut ran = vec![];
-        for kernel in Bf16Kernel::ALL {
-            if !kernel.available() {
-                eprintln!("skipped: the {kernel} kernel (this CPU or OS lacks it)");
-                continue;
-            }
+        for kernel in crate::testing::bf16_kernels() {
             let y = x.apply_op3(&w_t, &b, LinearBias(Some(kernel)))?;
             close(&y, &want_y, "forward")?;
             let grads = (&y * &g)?.sum_all()?.backward()?;

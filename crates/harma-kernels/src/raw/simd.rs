@@ -2,12 +2,65 @@
 //! rows and their backward, QuickGELU and its derivative, and a libm-free `exp` that lets those
 //! loops vectorise.
 
-/// Defines `$name`, which runs `$inner` compiled for AVX-512, else for AVX2 + FMA, else for the
-/// baseline, as the CPU allows (detected at run time), so its loops vectorise to the widest unit.
+/// The vector units the row kernels are compiled for, widest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// The baseline x86-64 (SSE2) or the target's default: every CPU
+    Baseline,
+    /// AVX2 + FMA: x86 CPUs since 2013-2015 (laptops included)
+    Avx2,
+    /// AVX-512F
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Every level, widest first.
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Baseline];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Avx512 => "avx512",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Baseline => "baseline",
+        }
+    }
+
+    /// Whether this CPU can run code compiled for the level.
+    pub fn available(self) -> bool {
+        match self {
+            SimdLevel::Baseline => true,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The widest level this CPU has.
+    pub fn best() -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.available())
+            .unwrap_or(SimdLevel::Baseline)
+    }
+}
+
+/// Defines `$name`, which runs `$inner` compiled for the widest [`SimdLevel`] the CPU has
+/// (detected at run time), so its loops vectorise to the widest unit; and `$at`, the same at a
+/// given level (the tests run every level the CPU has).
 macro_rules! simd_dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident, $at:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
+            $at(SimdLevel::best(), $($arg),*)
+        }
+
+        /// As the function without `_at`, compiled for `level`, which this CPU must have.
+        #[allow(dead_code)]
+        pub(crate) fn $at(level: SimdLevel, $($arg: $ty),*) {
+            assert!(level.available(), "this CPU cannot run {}", level.name());
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -18,13 +71,12 @@ macro_rules! simd_dispatch {
                 fn avx2($($arg: $ty),*) {
                     $inner($($arg),*)
                 }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the enabled features (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                match level {
+                    // SAFETY: the CPU supports the enabled features (asserted above).
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Baseline => {}
                 }
             }
             $inner($($arg),*)
@@ -139,19 +191,19 @@ fn quick_gelu_grad_inner(x: &[f32], g: &mut [f32]) {
 
 simd_dispatch!(
     /// Softmax of a row in place.
-    pub fn softmax_row => softmax_row_inner(row: &mut [f32])
+    pub fn softmax_row, softmax_row_at => softmax_row_inner(row: &mut [f32])
 );
 simd_dispatch!(
     /// The softmax backward of one row: `dp = p * (dp - <dp, p>) * scale`, in place.
-    pub fn softmax_bwd_row => softmax_bwd_row_inner(p: &[f32], dp: &mut [f32], scale: f32)
+    pub fn softmax_bwd_row, softmax_bwd_row_at => softmax_bwd_row_inner(p: &[f32], dp: &mut [f32], scale: f32)
 );
 simd_dispatch!(
     /// QuickGELU of a slice: `o = x * sigmoid(1.702 x)`.
-    pub fn quick_gelu => quick_gelu_inner(x: &[f32], o: &mut [f32])
+    pub fn quick_gelu, quick_gelu_at => quick_gelu_inner(x: &[f32], o: &mut [f32])
 );
 simd_dispatch!(
     /// The QuickGELU backward of a slice, in place over the output gradient `g`.
-    pub fn quick_gelu_grad => quick_gelu_grad_inner(x: &[f32], g: &mut [f32])
+    pub fn quick_gelu_grad, quick_gelu_grad_at => quick_gelu_grad_inner(x: &[f32], g: &mut [f32])
 );
 
 #[cfg(test)]
@@ -174,48 +226,71 @@ mod tests {
         assert!(fast_exp(f32::NEG_INFINITY) >= 0.0);
     }
 
+    /// At every level this CPU has (each forced in turn).
     #[test]
     fn vectorised_softmax_rows_match_the_formula() {
+        for level in crate::testing::simd_levels() {
+            softmax_rows_match_the_formula_at(level);
+        }
+    }
+
+    fn softmax_rows_match_the_formula_at(level: SimdLevel) {
         for n in [1, 5, 16, 50, 77, 131] {
             let x: Vec<f32> = (0..n)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
                 .collect();
             let mut row = x.clone();
-            softmax_row(&mut row);
+            softmax_row_at(level, &mut row);
             let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let z: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
             for (&got, &v) in row.iter().zip(&x) {
                 let want = (v as f64 - max).exp() / z;
-                assert!((got as f64 - want).abs() < 1e-6, "n {n}: {got} vs {want}");
+                assert!(
+                    (got as f64 - want).abs() < 1e-6,
+                    "{level:?} n {n}: {got} vs {want}"
+                );
             }
             // the backward row: p * (g - <g, p>) * scale
             let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
             let mut ds = g.clone();
-            softmax_bwd_row(&row, &mut ds, 0.5);
+            softmax_bwd_row_at(level, &row, &mut ds, 0.5);
             let dot: f64 = row.iter().zip(&g).map(|(&p, &g)| p as f64 * g as f64).sum();
             for ((&d, &p), &g) in ds.iter().zip(&row).zip(&g) {
                 let want = p as f64 * (g as f64 - dot) * 0.5;
-                assert!((d as f64 - want).abs() < 1e-6, "n {n}: {d} vs {want}");
+                assert!(
+                    (d as f64 - want).abs() < 1e-6,
+                    "{level:?} n {n}: {d} vs {want}"
+                );
             }
         }
     }
 
+    /// At every level this CPU has (each forced in turn).
     #[test]
     fn quick_gelu_and_its_derivative_match_the_formulas() {
+        for level in crate::testing::simd_levels() {
+            quick_gelu_matches_the_formulas_at(level);
+        }
+    }
+
+    fn quick_gelu_matches_the_formulas_at(level: SimdLevel) {
         let x: Vec<f32> = (-400..400).map(|i| i as f32 * 0.025).collect();
         let mut o = vec![0f32; x.len()];
-        quick_gelu(&x, &mut o);
+        quick_gelu_at(level, &x, &mut o);
         let mut g = vec![1f32; x.len()];
-        quick_gelu_grad(&x, &mut g);
+        quick_gelu_grad_at(level, &x, &mut g);
         for ((&x, &o), &g) in x.iter().zip(&o).zip(&g) {
             let s = 1.0 / (1.0 + (-1.702 * x as f64).exp());
             let want = x as f64 * s;
             assert!(
                 (o as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
-                "{x}: {o} vs {want}"
+                "{level:?} {x}: {o} vs {want}"
             );
             let dwant = s + 1.702 * x as f64 * s * (1.0 - s);
-            assert!((g as f64 - dwant).abs() < 1e-6, "{x}: {g} vs {dwant}");
+            assert!(
+                (g as f64 - dwant).abs() < 1e-6,
+                "{level:?} {x}: {g} vs {dwant}"
+            );
         }
     }
 }
