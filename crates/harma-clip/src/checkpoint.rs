@@ -1,6 +1,7 @@
 //! A CLIP backbone's weights: the tensors a [`ClipConfig`] needs under open_clip's names
 //! ([`expected_shapes`]), read from a checkpoint file by `harma-checkpoint` and checked, or
-//! drawn at random for tests, benchmarks and the offline demo.
+//! drawn at random for tests, benchmarks and the offline demo, or computed by the parity
+//! formula ([`formula_tensor`]) that the full-size tests share with their fixture script.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -56,6 +57,83 @@ pub fn random_backbone(
                 })
                 .collect()
         };
+        map.insert(name, Tensor::from_vec(values, shape, device)?);
+    }
+    Ok(map)
+}
+
+// The parity formula: deterministic weights that a test builds in memory and its fixture script
+// (tests/fixtures/full_size/make_full_size.py) builds in PyTorch, bit for bit equal in f32, so a
+// full-size model is compared with the reference without committing its weights. The two copies
+// must stay equal: change both or neither.
+//
+//   seed(key)   FNV-1a 64 of the key's UTF-8 bytes, folded: (h ^ (h >> 32)) mod 2^32
+//   hash(s, i)  with M = 2^32 - 1 and the element's flat row-major index i < 2^32:
+//               h = (i * A + s) & M; h ^= h >> 16; h = (h * B) & M; h ^= h >> 13;
+//               h = (h * C) & M; h ^= h >> 16   (every product < 2^63, exact in u64 and int64)
+//   u           h / 2^32 - 0.5 in f64, in [-0.5, 0.5)
+//   value       in f64, then rounded to f32 once:
+//               >= 2 dims: u * (2 sqrt 3 / sqrt(fan_in)), fan_in = numel / shape[0] (std 1/sqrt(fan_in))
+//               1 dim, key ending in `weight` (layer-norm gains): 1 + 0.4 u
+//               other 1 dim (biases, class embedding): 0.2 u
+//               0 dims: `temp` 0.05; any other scalar (the gates) 0.6 + u
+const FORMULA_A: u64 = 0x61c8_8647;
+const FORMULA_B: u64 = 0x05eb_ca6b;
+const FORMULA_C: u64 = 0x42b2_ae35;
+const FORMULA_MASK: u64 = 0xffff_ffff;
+
+fn formula_seed(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h ^ (h >> 32)) & FORMULA_MASK
+}
+
+/// The parity formula's uniform values for `key`, elements 0 to `n - 1`: each in [-0.5, 0.5)
+/// and exact in f64 (the comment above this function in the source states the formula).
+pub fn formula_unit(key: &str, n: usize) -> Vec<f64> {
+    assert!(
+        n as u64 <= 1 << 32,
+        "`{key}`: the formula indexes at most 2^32 elements"
+    );
+    let seed = formula_seed(key);
+    (0..n as u64)
+        .map(|i| {
+            let mut h = (i * FORMULA_A + seed) & FORMULA_MASK;
+            h ^= h >> 16;
+            h = (h * FORMULA_B) & FORMULA_MASK;
+            h ^= h >> 13;
+            h = (h * FORMULA_C) & FORMULA_MASK;
+            h ^= h >> 16;
+            h as f64 / 4_294_967_296.0 - 0.5
+        })
+        .collect()
+}
+
+/// The parity formula's value of every element of the tensor `key` of `shape`, row-major: the
+/// weights of the full-size parity tests (tests/fixtures/full_size/make_full_size.py computes
+/// the same bits). Every tensor is non-zero and distinct, so a swapped or unused one shows.
+pub fn formula_tensor(key: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let u = formula_unit(key, n.max(1));
+    match shape.len() {
+        0 if key == "temp" => vec![0.05],
+        0 => vec![(0.6 + u[0]) as f32],
+        1 if key.ends_with("weight") => u.iter().map(|u| (1.0 + 0.4 * u) as f32).collect(),
+        1 => u.iter().map(|u| (0.2 * u) as f32).collect(),
+        _ => {
+            let scale = 2.0 * 3f64.sqrt() / ((n / shape[0]) as f64).sqrt();
+            u.iter().map(|u| (u * scale) as f32).collect()
+        }
+    }
+}
+
+/// Every backbone tensor of `cfg` by the parity formula ([`formula_tensor`]).
+pub fn formula_backbone(cfg: &ClipConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut map = HashMap::new();
+    for (name, shape) in expected_shapes(cfg) {
+        let values = formula_tensor(&name, &shape);
         map.insert(name, Tensor::from_vec(values, shape, device)?);
     }
     Ok(map)
