@@ -90,7 +90,7 @@ fn quickgelu_embeddings_match_open_clip() -> Result<()> {
         Activation::QuickGelu,
         "expected.safetensors",
         "quickgelu",
-        1e-5,
+        1e-6,
     )
 }
 
@@ -101,7 +101,7 @@ fn gelu_embeddings_match_open_clip() -> Result<()> {
         Activation::Gelu,
         "expected.safetensors",
         "gelu",
-        1e-5,
+        1e-6,
     )
 }
 
@@ -113,7 +113,7 @@ fn every_checkpoint_layout_gives_the_same_embeddings() -> Result<()> {
             Activation::QuickGelu,
             "expected.safetensors",
             "quickgelu",
-            1e-5,
+            1e-6,
         )?;
     }
     // HarMA style: {'model': fp16 tensors prefixed `model.`, 'config': a ruamel CommentedMap}
@@ -122,7 +122,7 @@ fn every_checkpoint_layout_gives_the_same_embeddings() -> Result<()> {
         Activation::QuickGelu,
         "expected_half.safetensors",
         "quickgelu",
-        1e-5,
+        1e-6,
     )
 }
 

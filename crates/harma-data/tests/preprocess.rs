@@ -1,6 +1,6 @@
 //! Decoding and resizing against Pillow (fixtures from
-//! crates/harma-clip/tests/fixtures/make_fixtures.py): every pixel of the 224x224 bicubic
-//! resize within 1/255 of PIL's before normalising (in practice identical).
+//! crates/harma-clip/tests/fixtures/make_fixtures.py): every byte of the 224x224 bicubic
+//! resize equal to PIL's, before normalising.
 
 use std::path::PathBuf;
 
@@ -43,7 +43,7 @@ fn resize_matches_pillow_for_every_format() -> anyhow::Result<()> {
             "{name}: max diff {max_diff}/255, {exact} of {} bytes equal",
             ours.data.len()
         );
-        assert!(max_diff <= 1, "{name}: differs from PIL by {max_diff}/255");
+        assert_eq!(max_diff, 0, "{name}: differs from PIL by {max_diff}/255");
     }
     Ok(())
 }

@@ -228,17 +228,18 @@ fn fused_branches_match_their_layers() -> Result<()> {
                 })
             };
             let (f, g, g_max) = grads(&x, fused, layers)?;
-            // behind bf16 layers the kept activation is stored in bf16 (relative rounding
-            // 2^-9), which reaches the input gradient: within 1% of the largest gradient
-            let g_tol = if dtype == DType::F32 {
-                1e-5
+            // f32: the same operations in the same order, so the same bits; behind bf16
+            // layers the kept activation is stored in bf16 (relative rounding 2^-9), which
+            // reaches the input gradient: within 1% of the largest gradient
+            let (f_tol, g_tol) = if dtype == DType::F32 {
+                (0.0, 0.0)
             } else {
-                0.01 * g_max
+                (0.0, 0.01 * g_max)
             };
             eprintln!(
                 "fused {name} {dtype:?}: forward {f:.1e}, gradient {g:.1e} (bound {g_tol:.1e})"
             );
-            assert!(f < 1e-5 && g < g_tol, "{name} {dtype:?}: {f} {g}");
+            assert!(f <= f_tol && g <= g_tol, "{name} {dtype:?}: {f} {g}");
             let v = Var::from_tensor(&x)?;
             let gs = fused(v.as_tensor())?.sum_all()?.backward()?;
             assert!(gs.get(v.as_tensor()).is_some());

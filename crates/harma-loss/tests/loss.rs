@@ -19,7 +19,7 @@ fn rel_err(ours: f64, theirs: f64) -> f64 {
 }
 
 #[test]
-fn every_term_matches_the_original_within_1e5_relative() -> Result<()> {
+fn every_term_matches_the_original() -> Result<()> {
     let tensors =
         candle_core::safetensors::load(fixtures().join("cases.safetensors"), &Device::Cpu)?;
     let values: serde_json::Value =
@@ -59,7 +59,7 @@ fn every_term_matches_the_original_within_1e5_relative() -> Result<()> {
             let e = rel_err(o, r);
             eprintln!("{name:>10} {term:<22} ours {o:<14.8} original {r:<14.8} rel err {e:.1e}");
             worst = worst.max(e);
-            assert!(e <= 1e-5, "{name} {term}: {o} vs {r}");
+            assert!(e <= 3e-6, "{name} {term}: {o} vs {r}");
         }
     }
     eprintln!("worst relative error {worst:.1e}");
