@@ -215,7 +215,9 @@ fn reproduce_quick_fetches_trains_reports_and_continues() {
     );
     let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(
-        cfg.contains("triplet_weight = 0.5") && cfg.contains("seed = 3407"),
+        cfg.contains("triplet_weight = 1.0")
+            && cfg.contains("emulate_ddp = 2")
+            && cfg.contains("seed = 3407"),
         "{cfg}"
     );
 

@@ -138,6 +138,19 @@ fn three_steps_follow_the_original() -> Result<()> {
     Ok(())
 }
 
+/// The original's settings at a constant learning rate `lr`, with `emulate_ddp`.
+fn constant_lr(lr: f64, emulate_ddp: usize) -> TrainerSettings {
+    TrainerSettings {
+        lr,
+        schedule: Schedule::Constant,
+        adamw: AdamWConfig::default(),
+        loss: LossConfig::default(),
+        max_grad_norm: None,
+        recompute: false,
+        emulate_ddp,
+    }
+}
+
 /// `Trainer::step` on its own, without the CLI or the run loop: four steps on the fixture batch
 /// report the losses of the original's first four (each step reports the loss it computed,
 /// before its own update), at a constant learning rate.
@@ -153,15 +166,7 @@ fn the_trainer_steps_as_the_original() -> Result<()> {
         .map(|v| v.as_f64().unwrap())
         .collect();
     let lr = steps["lr"].as_f64().unwrap();
-    let settings = TrainerSettings {
-        lr,
-        schedule: Schedule::Constant,
-        adamw: AdamWConfig::default(),
-        loss: LossConfig::default(),
-        max_grad_norm: None,
-        recompute: false,
-        emulate_ddp: 1,
-    };
+    let settings = constant_lr(lr, 1);
     let acfg = AdapterConfig::default();
     let mut trainer = Trainer::new(s.model.clone(), s.ckpt.extras.clone(), &acfg, settings)?;
     let batch = Batch {
@@ -621,15 +626,7 @@ type Trained = (Vec<f64>, HashMap<String, Tensor>);
 /// rank 0's are returned, the others' checked equal).
 fn train_three_steps(s: &Setup, lr: f64, emulate_ddp: usize, world: usize) -> Result<Trained> {
     use harma_train::dist::{Collective, ThreadGroup};
-    let settings = TrainerSettings {
-        lr,
-        schedule: Schedule::Constant,
-        adamw: AdamWConfig::default(),
-        loss: LossConfig::default(),
-        max_grad_norm: None,
-        recompute: false,
-        emulate_ddp,
-    };
+    let settings = constant_lr(lr, emulate_ddp);
     let acfg = AdapterConfig::default();
     let b = s.image_ids.len() / world;
     let batch = |r: usize| -> Result<Batch> {
