@@ -850,3 +850,24 @@ fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> 
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }
+
+/// A rank started by another launcher without the job's secret stops at once and says how to
+/// give it (rank 0 would refuse it anyway).
+#[test]
+fn a_rank_without_the_jobs_secret_is_told_how_to_give_it() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
+        .args(["train", "--steps", "1"])
+        .env_remove("HARMA_DIST_SECRET")
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "1")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "9")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("HARMA_DIST_SECRET is not set") && stderr.contains("same value"),
+        "{stderr}"
+    );
+}

@@ -46,7 +46,17 @@ pub struct Role {
     pub master: String,
     /// Started by `harma train --nproc`: the launcher's stop requests come on stdin.
     pub launched: bool,
+    /// The job's secret (`HARMA_DIST_SECRET`): a rank proves it holds it before rank 0 counts
+    /// it. `--nproc`'s launcher makes one for its workers.
+    pub secret: String,
+    /// How long a rank waits for another in any exchange once they met
+    /// (`HARMA_DIST_TIMEOUT`, seconds; default 1800): longer than a step, or than rank 0's
+    /// evaluation while the others wait.
+    pub timeout: std::time::Duration,
 }
+
+/// The variable that carries a data-parallel job's secret to every rank.
+pub const SECRET_VAR: &str = "HARMA_DIST_SECRET";
 
 impl Role {
     /// The role the environment gives (`WORLD_SIZE` > 1), or `None` for a single process.
@@ -76,12 +86,23 @@ impl Role {
         let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
         let addr = get("MASTER_ADDR").context("WORLD_SIZE is set but MASTER_ADDR is not")?;
         let port = num("MASTER_PORT")?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
+        let secret = get(SECRET_VAR).with_context(|| {
+            format!(
+                "rank {rank}: {SECRET_VAR} is not set: every rank of a job must be given the same \
+                 secret (`harma train --nproc` makes one for its workers; with another launcher, \
+                 or across machines, set it to the same value for every rank)"
+            )
+        })?;
+        let timeout =
+            std::time::Duration::from_secs(num("HARMA_DIST_TIMEOUT")?.unwrap_or(1800) as u64);
         Ok(Some(Role {
             rank,
             world,
             local_rank,
             master: format!("{addr}:{port}"),
             launched,
+            secret,
+            timeout,
         }))
     }
 }
@@ -144,6 +165,17 @@ pub fn launch(args: &LaunchArgs, worker_args: &[OsString]) -> Result<()> {
         .rsplit_once(':')
         .with_context(|| format!("--master {master}: expected HOST:PORT"))?;
     let world = nproc * args.nnodes;
+    // the job's secret: ours to make on one machine; on several, the user's, the same on each
+    let secret = match std::env::var(SECRET_VAR).ok().filter(|v| !v.is_empty()) {
+        Some(s) => s,
+        None if args.nnodes == 1 => super::tcp::new_secret(),
+        None => bail!(
+            "--nnodes {}: set {SECRET_VAR} to the same secret on every machine (for example \
+             `export {SECRET_VAR}=$(openssl rand -hex 16)` once, copied to each): rank 0 admits \
+             only ranks that hold it",
+            args.nnodes
+        ),
+    };
     let exe = std::env::current_exe().context("cannot find the harma binary")?;
     let mut workers = Workers { children: vec![] };
     for local in 0..nproc {
@@ -157,6 +189,7 @@ pub fn launch(args: &LaunchArgs, worker_args: &[OsString]) -> Result<()> {
             .env("MASTER_ADDR", host)
             .env("MASTER_PORT", port)
             .env("HARMA_LAUNCHED", "1")
+            .env(SECRET_VAR, &secret)
             .stdin(Stdio::piped());
         // its own process group: a terminal's Ctrl-C reaches the launcher, which asks once
         #[cfg(unix)]

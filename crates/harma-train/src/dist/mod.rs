@@ -110,6 +110,7 @@ pub fn connect(
         role.rank,
         role.world,
         &role.master,
+        &role.secret,
         vec![],
         RENDEZVOUS_TIMEOUT,
     )?;
@@ -119,7 +120,7 @@ pub fn connect(
             role.world, role.master
         );
     }
-    let tcp = Tcp::new(rdv);
+    let tcp = Tcp::new(rdv, role.timeout)?;
     check(&tcp, &candle_core::Device::Cpu)?;
     Ok(std::sync::Arc::new(tcp))
 }

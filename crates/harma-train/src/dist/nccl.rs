@@ -49,7 +49,14 @@ impl Nccl {
         } else {
             vec![]
         };
-        let rdv = Rendezvous::meet(rank, world, &role.master, blob, super::RENDEZVOUS_TIMEOUT)?;
+        let rdv = Rendezvous::meet(
+            rank,
+            world,
+            &role.master,
+            &role.secret,
+            blob,
+            super::RENDEZVOUS_TIMEOUT,
+        )?;
         if rdv.blob.len() != 128 {
             bail!("rank 0 sent an NCCL id of {} bytes", rdv.blob.len());
         }
