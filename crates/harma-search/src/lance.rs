@@ -65,8 +65,11 @@ pub fn export(
     table: &str,
     storage_options: &[(String, String)],
 ) -> Result<usize> {
-    let vectors = index.vectors()?;
-    let tiles = index.tiles(&vectors.ids)?;
+    let (vectors, tiles) = index.read(|view| {
+        let vectors = view.vectors()?;
+        let tiles = view.tiles(&vectors.ids)?;
+        Ok((vectors, tiles))
+    })?;
     let dim = vectors.dim;
     let settings = serde_json::to_string(&index.settings).expect("settings serialise");
     let schema = Arc::new(schema(dim, settings));

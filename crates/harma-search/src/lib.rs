@@ -15,7 +15,7 @@ pub mod store;
 pub mod walk;
 
 pub use exact::Hit;
-pub use store::{Index, Settings, TileInfo, Vectors, Writer};
+pub use store::{Index, Settings, TileInfo, TileSource, Vectors, View, Writer};
 
 /// Errors of the search crate.
 #[derive(Debug, thiserror::Error)]

@@ -5,8 +5,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::exact::Hit;
-use crate::store::{Index, TileInfo};
-use crate::Result;
+use crate::store::{TileInfo, View};
+use crate::{Error, Result};
 
 /// One result.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -17,20 +17,30 @@ pub struct Ranked {
     pub tile: TileInfo,
 }
 
-/// The stored tiles of `hits`, ranked from 1.
-pub fn ranked(index: &Index, hits: &[Hit]) -> Result<Vec<Ranked>> {
+/// The stored tiles of `hits`, ranked from 1, read from the view the hits' vectors came from:
+/// each result carries its own tile's row, found by id (a missing one is an error naming it).
+pub fn ranked(view: &View, hits: &[Hit]) -> Result<Vec<Ranked>> {
     let ids: Vec<i64> = hits.iter().map(|h| h.id).collect();
-    let tiles = index.tiles(&ids)?;
-    Ok(hits
-        .iter()
+    let tiles = view.tiles(&ids)?;
+    hits.iter()
         .zip(tiles)
         .enumerate()
-        .map(|(i, (h, tile))| Ranked {
-            rank: i + 1,
-            score: h.score,
-            tile,
+        .map(|(i, (h, tile))| {
+            if tile.id != h.id {
+                return Err(Error::Other(format!(
+                    "result {} is tile {} but its row is tile {}",
+                    i + 1,
+                    h.id,
+                    tile.id
+                )));
+            }
+            Ok(Ranked {
+                rank: i + 1,
+                score: h.score,
+                tile,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// A plain-text table, one line per result.

@@ -7,9 +7,13 @@
 //! - `GET /api/info`: the index's size and settings.
 //!
 //! The page is compiled into the binary; nothing is fetched from elsewhere. Requests name
-//! tiles by number only, never by path: a tile's file comes from the index and is opened only
-//! if, links resolved, it lies inside the indexed folder. Bad requests get a 4xx status and a
-//! JSON `{"error": ...}` that says what was wrong.
+//! tiles by number only, never by path: a tile's file comes from the index's `files` table and
+//! is opened only if its stored path is relative without `..`, it lies, links resolved, inside
+//! the image folder (`--images`, else the folder the index recorded; never `/`), and its size
+//! and modification time are those recorded when it was indexed. Every search reads the
+//! vectors, the ranking and the results' rows from one revision of the index; after a build
+//! changed it, the next request loads the new vectors first. Bad requests get a 4xx status and
+//! a JSON `{"error": ...}` that says what was wrong; a damaged index row a 500 naming it.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -24,7 +28,7 @@ use serde_json::json;
 
 use crate::exact;
 use crate::output::ranked;
-use crate::store::{Index, Vectors};
+use crate::store::{stat, Index, TileSource, Vectors, View};
 use crate::walk::resolve_inside;
 use crate::{Error, Result};
 
@@ -66,24 +70,82 @@ impl Reply {
     }
 }
 
-/// The server's state: the index, its vectors in memory, the text embedder.
-pub struct App {
-    index: Mutex<Index>,
+/// The index and the vectors of one of its revisions, in memory.
+struct State {
+    index: Index,
+    revision: u64,
     vectors: Vectors,
+}
+
+impl State {
+    /// `f` on one consistent view of the index and the vectors of that view's revision: when a
+    /// build changed the index since they were loaded, the new vectors are loaded first.
+    fn read<T>(&mut self, mut f: impl FnMut(&View, &Vectors) -> Result<T>) -> Result<T> {
+        let State {
+            index,
+            revision,
+            vectors,
+        } = self;
+        index.read(|view| {
+            let now = view.revision()?;
+            if now != *revision {
+                *vectors = view.vectors()?;
+                *revision = now;
+            }
+            f(view, vectors)
+        })
+    }
+}
+
+/// A decoded image with its path, size and modification time.
+type Cached = (String, u64, i64, Arc<RgbImage>);
+
+/// The server's state: the index with its vectors in memory, the image folder, the text
+/// embedder.
+pub struct App {
+    state: Mutex<State>,
     root: PathBuf,
     bands: Option<Bands>,
     embed: TextEmbedder,
     model: String,
-    cache: Mutex<VecDeque<(String, Arc<RgbImage>)>>,
+    cache: Mutex<VecDeque<Cached>>,
+}
+
+/// A lock, taken even if a thread panicked while holding it (the data behind each lock here
+/// is replaced whole, never left half-written).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl App {
-    /// Load the index's vectors and get ready to answer. `images` overrides the indexed folder
-    /// (an archive that moved).
+    /// Load the index's vectors and get ready to answer. Images are read from `images` when
+    /// given (an archive that moved), else from the folder the index recorded, which must be
+    /// an absolute path; either way not from the root of the file system.
     pub fn new(mut index: Index, images: Option<PathBuf>, embed: TextEmbedder) -> Result<App> {
-        let vectors = index.vectors()?;
-        let root = images.unwrap_or_else(|| index.settings.images.clone());
+        let (revision, vectors) = index.read(|v| Ok((v.revision()?, v.vectors()?)))?;
+        let refuse = |msg: String| Error::Index {
+            path: index.dir.display().to_string(),
+            msg,
+        };
+        let root = match images {
+            Some(dir) => dir,
+            None if index.settings.images.is_absolute() => index.settings.images.clone(),
+            None => {
+                return Err(refuse(format!(
+                    "the recorded images folder `{}` is not an absolute path (a build records \
+                     one): give the folder with --images DIR",
+                    index.settings.images.display()
+                )))
+            }
+        };
         let root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
+        if root.parent().is_none() {
+            return Err(refuse(format!(
+                "the images folder is {}, the root of the file system: refusing to serve \
+                 every image on the disk; give the indexed folder with --images DIR",
+                root.display()
+            )));
+        }
         let bands = match &index.settings.bands {
             Some(b) => Some(b.parse::<Bands>().map_err(Error::Other)?),
             None => None,
@@ -95,8 +157,11 @@ impl App {
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned());
         Ok(App {
-            index: Mutex::new(index),
-            vectors,
+            state: Mutex::new(State {
+                index,
+                revision,
+                vectors,
+            }),
             root,
             bands,
             embed,
@@ -130,14 +195,14 @@ impl App {
     }
 
     fn info(&self) -> Reply {
-        let index = self.index.lock().expect("index lock");
-        let s = &index.settings;
-        match index.counts() {
-            Ok((files, unreadable, tiles)) => Reply::json(
+        let mut state = lock(&self.state);
+        let s = state.index.settings.clone();
+        match state.read(|view, vectors| Ok((view.counts()?, vectors.len()))) {
+            Ok(((files, unreadable, tiles), searchable)) => Reply::json(
                 200,
                 &json!({
                     "files": files, "unreadable_files": unreadable, "tiles": tiles,
-                    "searchable": self.vectors.len(),
+                    "searchable": searchable,
                     "tile": s.tile, "stride": s.stride, "bands": s.bands,
                     "model": self.model, "arch": s.arch, "dim": s.dim,
                 }),
@@ -177,7 +242,7 @@ impl App {
                 }
             },
         };
-        let (vector, q_json, like_json) = match (q, like) {
+        let (query, q_json, like_json) = match (q, like) {
             (Some(q), None) => {
                 let text = q.trim();
                 if text.is_empty() {
@@ -190,18 +255,13 @@ impl App {
                     ));
                 }
                 let v = (self.embed)(text).map_err(|e| Reply::error(500, e))?;
-                (v, json!(text), json!(null))
+                (Ok(v), json!(text), json!(null))
             }
             (None, Some(like)) => {
                 let id: i64 = like.parse().map_err(|_| {
                     Reply::error(400, format!("like={like}: give a tile id (a number)"))
                 })?;
-                let v = self
-                    .vectors
-                    .get(id)
-                    .ok_or_else(|| Reply::error(404, format!("no tile {id} in this index")))?
-                    .to_vec();
-                (v, json!(null), json!(id))
+                (Err(id), json!(null), json!(id))
             }
             (Some(_), Some(_)) => return Err(Reply::error(400, "give q or like, not both")),
             (None, None) => {
@@ -211,52 +271,76 @@ impl App {
                 ))
             }
         };
-        if vector.len() != self.vectors.dim {
-            return Err(Reply::error(
-                500,
-                format!(
+        // the vectors, the search and the results' rows all from one revision of the index
+        let found = lock(&self.state).read(|view, vectors| {
+            let vector = match &query {
+                Ok(v) => v.as_slice(),
+                Err(id) => match vectors.get(*id) {
+                    Some(v) => v,
+                    None => return Ok(None),
+                },
+            };
+            if vector.len() != vectors.dim {
+                return Err(Error::Other(format!(
                     "the query vector has {} values, the index {}",
                     vector.len(),
-                    self.vectors.dim
-                ),
-            ));
-        }
-        let hits = exact::search(&self.vectors, &vector, k);
-        let index = self.index.lock().expect("index lock");
-        let results = ranked(&index, &hits).map_err(|e| Reply::error(500, e.to_string()))?;
+                    vectors.dim
+                )));
+            }
+            let hits = exact::search(vectors, vector, k);
+            Ok(Some((ranked(view, &hits)?, vectors.len())))
+        });
+        let (results, total) = match found {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let id = query.err().unwrap_or_default();
+                return Err(Reply::error(404, format!("no tile {id} in this index")));
+            }
+            Err(e) => return Err(Reply::error(500, e.to_string())),
+        };
         Ok(Reply::json(
             200,
             &json!({
-                "query": q_json, "like": like_json, "k": k, "total": self.vectors.len(),
+                "query": q_json, "like": like_json, "k": k, "total": total,
                 "took_ms": start.elapsed().as_secs_f64() * 1e3,
                 "results": results,
             }),
         ))
     }
 
-    /// The decoded source image `rel`, through a small cache.
-    fn source(&self, rel: &str) -> std::result::Result<Arc<RgbImage>, Reply> {
-        if let Some((_, img)) = self
-            .cache
-            .lock()
-            .expect("cache lock")
-            .iter()
-            .find(|(r, _)| r == rel)
-        {
-            return Ok(img.clone());
-        }
+    /// The decoded source image of a tile, through a small cache: read only if it is a
+    /// file inside the image folder (links resolved) whose size and modification time are
+    /// those the index recorded.
+    fn source(&self, src: &TileSource) -> std::result::Result<Arc<RgbImage>, Reply> {
+        let rel = &src.tile.file;
         let path = resolve_inside(&self.root, rel).ok_or_else(|| {
             Reply::error(
                 404,
                 format!("{rel} is not a readable file under the indexed folder"),
             )
         })?;
+        let (size, mtime_ns) = stat(&path).map_err(|e| Reply::error(404, e.to_string()))?;
+        if size as i64 != src.size || mtime_ns != src.mtime_ns {
+            return Err(Reply::error(
+                409,
+                format!(
+                    "{rel} changed since it was indexed (its size or modification time differs): \
+                     rebuild the index"
+                ),
+            ));
+        }
+        if let Some((.., img)) = lock(&self.cache)
+            .iter()
+            .find(|(r, s, t, _)| (r, *s, *t) == (rel, size, mtime_ns))
+        {
+            return Ok(img.clone());
+        }
         let img = Arc::new(
             load_raster(&path, self.bands.as_ref())
                 .map_err(|e| Reply::error(500, format!("cannot read the source image: {e}")))?,
         );
-        let mut cache = self.cache.lock().expect("cache lock");
-        cache.push_front((rel.to_string(), img.clone()));
+        let mut cache = lock(&self.cache);
+        cache.push_front((rel.clone(), size, mtime_ns, img.clone()));
         cache.truncate(CACHE_IMAGES);
         Ok(img)
     }
@@ -267,22 +351,21 @@ impl App {
             .filter(|n| !n.is_empty() && n.len() < 19 && n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|n| n.parse::<i64>().ok())
             .ok_or_else(|| Reply::error(400, "a tile is /api/tile/ID.png with ID a number"))?;
-        let info = {
-            let index = self.index.lock().expect("index lock");
-            index
-                .tiles(&[id])
-                .map_err(|e| Reply::error(500, e.to_string()))?
-                .pop()
-                .ok_or_else(|| Reply::error(404, format!("no tile {id} in this index")))?
-        };
-        let img = self.source(&info.file)?;
-        let t = info.tile;
-        if t.x + t.w > img.width || t.y + t.h > img.height {
+        let src = lock(&self.state)
+            .index
+            .tile(id)
+            .map_err(|e| Reply::error(500, e.to_string()))?
+            .ok_or_else(|| Reply::error(404, format!("no tile {id} in this index")))?;
+        let img = self.source(&src)?;
+        let t = src.tile.tile;
+        let inside =
+            |at: usize, len: usize, side: usize| at.checked_add(len).is_some_and(|e| e <= side);
+        if !(inside(t.x, t.w, img.width) && inside(t.y, t.h, img.height)) {
             return Err(Reply::error(
                 409,
                 format!(
-                    "{} is {}x{} now, smaller than when it was indexed: rebuild the index",
-                    info.file, img.width, img.height
+                    "tile {id} ({},{} {}x{}) does not fit in {}, {}x{}: rebuild the index",
+                    t.x, t.y, t.w, t.h, src.tile.file, img.width, img.height
                 ),
             ));
         }
@@ -379,7 +462,7 @@ pub fn run(app: Arc<App>, listener: TcpListener, threads: usize, log: bool, stop
         for _ in 0..threads.max(1) {
             let (app, rx) = (app.clone(), &rx);
             s.spawn(move || loop {
-                let next = rx.lock().expect("queue lock").recv();
+                let next = lock(rx).recv();
                 let Ok(mut stream) = next else { return };
                 let timeout = Some(std::time::Duration::from_secs(10));
                 let _ = stream.set_read_timeout(timeout);
@@ -387,7 +470,13 @@ pub fn run(app: Arc<App>, listener: TcpListener, threads: usize, log: bool, stop
                 let start = std::time::Instant::now();
                 let (target, reply) = match read_request(&mut stream) {
                     Ok((method, target)) => {
-                        let reply = app.handle(&method, &target);
+                        // a bug answers 500 and leaves the worker alive
+                        let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            app.handle(&method, &target)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Reply::error(500, "internal error answering this request (a bug)")
+                        });
                         (format!("{method} {target}"), reply)
                     }
                     Err(reply) => ("(bad request)".to_string(), reply),

@@ -11,6 +11,12 @@
 //! none of it. Compaction (after files changed or vanished) writes the live rows to the next
 //! `vectors-N.f32`, then switches every tile and `meta.vectors` to it in one transaction; the
 //! file that is not named in `meta` is a leftover, removed by the next writer.
+//!
+//! Creation is atomic too: the tables and settings are written to a temp file beside
+//! `index.sqlite`, flushed, and linked into place under that name, so `index.sqlite` never
+//! exists without its tables; a temp file left by a killed build is removed by the next one.
+//! Every commit that changes files or tiles bumps `meta.revision`, so that a reader holding the
+//! vectors in memory (`harma serve`) sees that they are stale.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -26,6 +32,8 @@ use crate::{Error, Result};
 /// The format written in `meta.format`.
 pub const FORMAT: &str = "harma-index 1";
 const DB: &str = "index.sqlite";
+/// The steps of creating an index that a test can crash after ([`Writer::open_crashing`]).
+pub const CREATE_STEPS: usize = 7;
 
 /// What an index was built with; a search must use the same model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +184,16 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Bump `meta.revision` (indexes written before it existed start at 1).
+fn bump_revision(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('revision', '1')
+         ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        [],
+    )?;
+    Ok(())
+}
+
 /// The committed state: the settings, the vector file's generation and its committed rows.
 fn read_state(conn: &Connection, dir: &Path) -> Result<(Settings, u64, u64)> {
     let bad = |msg: &str| Error::Index {
@@ -196,6 +214,11 @@ fn read_state(conn: &Connection, dir: &Path) -> Result<(Settings, u64, u64)> {
             .ok_or_else(|| bad("no settings record"))?,
     )
     .map_err(|e| bad(&format!("unreadable settings record: {e}")))?;
+    if settings.dim == 0 {
+        return Err(bad(
+            "the settings record an embedding size of 0: rebuild the index",
+        ));
+    }
     let num = |key: &str| -> Result<u64> {
         get_meta(conn, key)
             .map_err(|e| db_err(dir, e))?
@@ -249,47 +272,163 @@ fn open_conn(dir: &Path, flags: OpenFlags) -> Result<Connection> {
     Ok(conn)
 }
 
+/// What an index's temp files are called: `.index.sqlite.tmp-PID` (and SQLite's `-journal`
+/// beside it).
+const TEMP_PREFIX: &str = ".index.sqlite.tmp-";
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Flush a folder's entries (a rename or link in it) to disk.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        d.sync_all().ok();
+    }
+}
+
+/// Remove the temp files of index creations by processes no longer running (killed).
+fn remove_stale_temps(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let alive = pid == std::process::id().to_string()
+            || (!pid.is_empty() && Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            remove_if_exists(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir`'s `index.sqlite` has no tables at all (a creation by an older harma that was
+/// killed before its first commit; nothing was in it).
+fn holds_no_tables(dir: &Path) -> Result<bool> {
+    let conn = open_conn(dir, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| db_err(dir, e))?;
+    Ok(n == 0)
+}
+
+/// Create `dir`'s `index.sqlite` with `settings`, atomically: the tables are written to a temp
+/// file, flushed, and linked into place, so that the name never holds a partial index (a
+/// concurrent creation that got there first wins). `crash(step)` is the test hook of
+/// [`Writer::open_crashing`] (steps 1 to 5 here).
+fn create_db(dir: &Path, settings: &Settings, crash: &dyn Fn(usize)) -> Result<()> {
+    let tmp = dir.join(format!("{TEMP_PREFIX}{}", std::process::id()));
+    let journal = dir.join(format!("{TEMP_PREFIX}{}-journal", std::process::id()));
+    remove_if_exists(&tmp)?;
+    remove_if_exists(&journal)?;
+    let tmp_err = |e| Error::Sqlite {
+        path: tmp.display().to_string(),
+        source: e,
+    };
+    {
+        let mut conn = Connection::open(&tmp).map_err(tmp_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(tmp_err)?;
+        crash(1);
+        let tx = conn.transaction().map_err(tmp_err)?;
+        tx.execute_batch(SCHEMA).map_err(tmp_err)?;
+        let json = serde_json::to_string(settings).expect("settings serialise");
+        for (key, value) in [
+            ("format", FORMAT),
+            ("settings", &json),
+            ("generation", "0"),
+            ("rows", "0"),
+            ("revision", "0"),
+        ] {
+            set_meta(&tx, key, value).map_err(tmp_err)?;
+        }
+        crash(2);
+        tx.commit().map_err(tmp_err)?;
+        crash(3);
+    }
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    let db = dir.join(DB);
+    match std::fs::hard_link(&tmp, &db) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // a file system without links
+        Err(_) => std::fs::rename(&tmp, &db).map_err(|e| Error::io(&db, e))?,
+    }
+    sync_dir(dir);
+    crash(4);
+    remove_if_exists(&tmp)?;
+    sync_dir(dir);
+    crash(5);
+    Ok(())
+}
+
 impl Writer {
     /// Open the index in `dir` for adding, creating it with `settings` if it does not exist. An
     /// existing index must have been built with the same settings (`same` compares them and
     /// says what differs). Cuts off rows an interrupted batch left past the committed ones and
-    /// removes leftover vector files.
+    /// removes leftover vector files, and what an interrupted creation left.
     pub fn open(
         dir: &Path,
         settings: &Settings,
         same: impl Fn(&Settings, &Settings) -> std::result::Result<(), String>,
     ) -> Result<Writer> {
+        Writer::open_crashing(dir, settings, same, None)
+    }
+
+    /// [`Writer::open`]; testing only: when it creates the index, `crash_after` (1 to
+    /// [`CREATE_STEPS`]) aborts the process after that step (a `kill -9` at that instant).
+    pub fn open_crashing(
+        dir: &Path,
+        settings: &Settings,
+        same: impl Fn(&Settings, &Settings) -> std::result::Result<(), String>,
+        crash_after: Option<usize>,
+    ) -> Result<Writer> {
+        let crash = |step: usize| {
+            if crash_after == Some(step) {
+                eprintln!("crash_after: aborting after step {step} of creating the index");
+                std::process::abort();
+            }
+        };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let fresh = !dir.join(DB).exists();
-        if fresh
-            && std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .count()
-                > 0
-        {
-            return Err(Error::Index {
-                path: dir.display().to_string(),
-                msg: "the folder is not empty and holds no index: give a new or empty folder"
-                    .into(),
-            });
+        remove_stale_temps(dir)?;
+        let db = dir.join(DB);
+        if db.exists() && holds_no_tables(dir)? {
+            // an older harma killed while creating it: nothing was in it yet
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                remove_if_exists(&dir.join(format!("{DB}{suffix}")))?;
+            }
         }
-        let mut conn = open_conn(
-            dir,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
-        )?;
+        let fresh = !db.exists();
+        if fresh {
+            let others = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
+                .count();
+            if others > 0 {
+                return Err(Error::Index {
+                    path: dir.display().to_string(),
+                    msg: "the folder is not empty and holds no index: give a new or empty folder"
+                        .into(),
+                });
+            }
+            create_db(dir, settings, &crash)?;
+        }
+        let conn = open_conn(dir, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| db_err(dir, e))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| db_err(dir, e))?;
         if fresh {
-            let tx = conn.transaction().map_err(|e| db_err(dir, e))?;
-            tx.execute_batch(SCHEMA).map_err(|e| db_err(dir, e))?;
-            set_meta(&tx, "format", FORMAT).map_err(|e| db_err(dir, e))?;
-            let json = serde_json::to_string(settings).expect("settings serialise");
-            set_meta(&tx, "settings", &json).map_err(|e| db_err(dir, e))?;
-            set_meta(&tx, "generation", "0").map_err(|e| db_err(dir, e))?;
-            set_meta(&tx, "rows", "0").map_err(|e| db_err(dir, e))?;
-            tx.commit().map_err(|e| db_err(dir, e))?;
+            crash(6);
         }
         let (stored, generation, rows) = read_state(&conn, dir)?;
         same(&stored, settings).map_err(|msg| Error::Index {
@@ -297,7 +436,7 @@ impl Writer {
             msg,
         })?;
         // the newest identity of the same model (a moved or re-saved file)
-        if !fresh && stored != *settings {
+        if stored != *settings {
             let json = serde_json::to_string(settings).expect("settings serialise");
             set_meta(&conn, "settings", &json).map_err(|e| db_err(dir, e))?;
         }
@@ -311,7 +450,15 @@ impl Writer {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let committed = rows * settings.dim as u64 * 4;
+        if fresh {
+            crash(7);
+        }
+        let committed = rows
+            .checked_mul(settings.dim as u64 * 4)
+            .ok_or_else(|| Error::Index {
+                path: dir.display().to_string(),
+                msg: format!("`rows` is {rows}, past any vector file: rebuild the index"),
+            })?;
         let len = vectors.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len < committed {
             return Err(Error::Index {
@@ -428,6 +575,9 @@ impl Writer {
             tx.execute("DELETE FROM files WHERE id = ?1", [id])
                 .map_err(db)?;
         }
+        if report.new + report.changed + report.removed > 0 {
+            bump_revision(&tx).map_err(db)?;
+        }
         tx.commit().map_err(db)?;
         Ok((pending, report))
     }
@@ -522,6 +672,7 @@ impl Writer {
         }
         let rows = self.rows + tiles.len() as u64;
         set_meta(&tx, "rows", &rows.to_string()).map_err(db)?;
+        bump_revision(&tx).map_err(db)?;
         tx.commit().map_err(db)?;
         self.rows = rows;
         Ok(())
@@ -529,13 +680,16 @@ impl Writer {
 
     /// Record that a file could not be read (it is skipped until it changes).
     pub fn fail_file(&mut self, file_id: i64, error: &str) -> Result<()> {
-        self.conn
-            .execute(
-                "UPDATE files SET done = 1, error = ?2 WHERE id = ?1",
-                params![file_id, error],
-            )
-            .map_err(|e| self.db(e))?;
-        Ok(())
+        let dir = self.dir.clone();
+        let db = |e| db_err(&dir, e);
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.execute(
+            "UPDATE files SET done = 1, error = ?2 WHERE id = ?1",
+            params![file_id, error],
+        )
+        .map_err(db)?;
+        bump_revision(&tx).map_err(db)?;
+        tx.commit().map_err(db)
     }
 
     /// Committed rows and the rows tiles name (the rest belong to removed or changed files).
@@ -576,7 +730,17 @@ impl Writer {
             );
             let mut buf = vec![0u8; dim * 4];
             let old_path = self.dir.join(&old);
-            for &(_, row) in &order {
+            for &(id, row) in &order {
+                if !(0..self.rows as i64).contains(&row) {
+                    return Err(Error::Index {
+                        path: self.dir.display().to_string(),
+                        msg: format!(
+                            "tile {id} names vector row {row}, outside the {} committed rows: \
+                             the index is damaged; rebuild it",
+                            self.rows
+                        ),
+                    });
+                }
                 self.vectors
                     .seek(SeekFrom::Start(row as u64 * dim as u64 * 4))
                     .and_then(|_| self.vectors.read_exact(&mut buf))
@@ -604,6 +768,7 @@ impl Writer {
         }
         set_meta(&tx, "generation", &(self.generation + 1).to_string()).map_err(db)?;
         set_meta(&tx, "rows", &live.to_string()).map_err(db)?;
+        bump_revision(&tx).map_err(db)?;
         tx.commit().map_err(db)?;
         self.generation += 1;
         self.rows = live;
@@ -653,11 +818,242 @@ impl Vectors {
     }
 }
 
+/// A tile as stored, with its file's size and modification time when it was indexed (what
+/// `harma serve` compares with the file on disk before reading it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileSource {
+    pub tile: TileInfo,
+    pub size: i64,
+    pub mtime_ns: i64,
+}
+
+/// The largest pixel offset or size a stored tile may have (a raster side fits in a u32).
+const MAX_PIXELS: i64 = u32::MAX as i64;
+
+/// Tile `id`, read and checked: a damaged or tampered row (a negative, zero or huge box, an
+/// unknown edge) is an error naming the tile, never a value that wraps.
+fn read_tile(conn: &Connection, dir: &Path, id: i64) -> Result<Option<TileSource>> {
+    type Raw = (String, [i64; 5], [Option<f64>; 4], Option<String>, i64, i64);
+    let raw: Option<Raw> = conn
+        .prepare_cached(
+            "SELECT f.path, t.x, t.y, t.w, t.h, t.edge, t.min_x, t.min_y, t.max_x, t.max_y,
+                    f.geo, f.size, f.mtime_ns
+             FROM tiles t JOIN files f ON f.id = t.file_id WHERE t.id = ?1",
+        )
+        .and_then(|mut st| {
+            st.query_row([id], |r| {
+                Ok((
+                    r.get(0)?,
+                    [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?],
+                    [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?],
+                    r.get(10)?,
+                    r.get(11)?,
+                    r.get(12)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(|e| db_err(dir, e))?;
+    let Some((file, [x, y, w, h, edge], b, geo, size, mtime_ns)) = raw else {
+        return Ok(None);
+    };
+    let offsets = 0..=MAX_PIXELS;
+    let sides = 1..=MAX_PIXELS;
+    if !(offsets.contains(&x)
+        && offsets.contains(&y)
+        && sides.contains(&w)
+        && sides.contains(&h)
+        && (0..=3).contains(&edge))
+    {
+        return Err(Error::Index {
+            path: dir.display().to_string(),
+            msg: format!(
+                "tile {id} of {file} has the box x={x} y={y} w={w} h={h} edge={edge}, \
+                 not one a build writes: the index is damaged; rebuild it"
+            ),
+        });
+    }
+    let geo: Option<GeoRef> = geo.and_then(|g| serde_json::from_str(&g).ok());
+    Ok(Some(TileSource {
+        tile: TileInfo {
+            id,
+            file,
+            tile: Tile {
+                x: x as usize,
+                y: y as usize,
+                w: w as usize,
+                h: h as usize,
+                edge: edge as u8,
+            },
+            bbox: match b {
+                [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
+                _ => None,
+            },
+            epsg: geo.and_then(|g| g.epsg),
+        },
+        size,
+        mtime_ns,
+    }))
+}
+
+/// The tiles `ids`, in the same order; one missing is an error naming it.
+fn read_tiles(conn: &Connection, dir: &Path, ids: &[i64]) -> Result<Vec<TileInfo>> {
+    ids.iter()
+        .map(|&id| {
+            read_tile(conn, dir, id)?
+                .map(|s| s.tile)
+                .ok_or_else(|| Error::Index {
+                    path: dir.display().to_string(),
+                    msg: format!(
+                        "tile {id} has a vector but no tile or file row (the index changed \
+                         since its vectors were read, or it is damaged): search again, or \
+                         rebuild the index"
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// The live tiles' vectors as of `conn`'s transaction. Every row number is checked against
+/// the committed rows, and the vector file's length against them, before a byte is read.
+fn read_vectors(conn: &Connection, dir: &Path) -> Result<Vectors> {
+    let db = |e| db_err(dir, e);
+    let bad = |msg: String| Error::Index {
+        path: dir.display().to_string(),
+        msg,
+    };
+    let (settings, generation, rows) = read_state(conn, dir)?;
+    let dim = settings.dim;
+    let pairs: Vec<(i64, i64)> = {
+        let mut st = conn
+            .prepare("SELECT id, row FROM tiles ORDER BY row")
+            .map_err(db)?;
+        let it = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?;
+        it.collect::<rusqlite::Result<_>>().map_err(db)?
+    };
+    for (k, &(id, row)) in pairs.iter().enumerate() {
+        if row < 0 || row as u64 >= rows {
+            return Err(bad(format!(
+                "tile {id} names vector row {row}, outside the {rows} committed rows: the index \
+                 is damaged; rebuild it"
+            )));
+        }
+        if k > 0 && pairs[k - 1].1 == row {
+            return Err(bad(format!(
+                "tiles {} and {id} name the same vector row {row}: the index is damaged; \
+                 rebuild it",
+                pairs[k - 1].0
+            )));
+        }
+    }
+    if pairs.is_empty() {
+        return Ok(Vectors {
+            dim,
+            data: Vec::new(),
+            ids: Vec::new(),
+        });
+    }
+    let row_bytes = (dim as u64)
+        .checked_mul(4)
+        .ok_or_else(|| bad(format!("an embedding size of {dim} overflows")))?;
+    let path = dir.join(vectors_name(generation));
+    let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+    match rows.checked_mul(row_bytes) {
+        Some(committed) if committed <= len => {}
+        _ => {
+            return Err(bad(format!(
+                "{} holds {len} bytes, fewer than {rows} rows of {dim} floats: the vector file \
+                 was cut or the index is damaged; rebuild it",
+                path.display()
+            )))
+        }
+    }
+    // every row is below `rows`, so no offset below overflows and all lie in the file
+    let mut data = Vec::with_capacity(pairs.len() * dim);
+    let mut ids = Vec::with_capacity(pairs.len());
+    // rows are sorted: read runs of consecutive rows at once
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < pairs.len() {
+        let mut j = i + 1;
+        while j < pairs.len() && pairs[j].1 == pairs[j - 1].1 + 1 && j - i < 65536 {
+            j += 1;
+        }
+        buf.resize((j - i) * dim * 4, 0);
+        f.seek(SeekFrom::Start(pairs[i].1 as u64 * row_bytes))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| Error::io(&path, e))?;
+        data.extend(
+            buf.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+        );
+        ids.extend(pairs[i..j].iter().map(|p| p.0));
+        i = j;
+    }
+    Ok(Vectors { dim, data, ids })
+}
+
 /// An index opened for reading.
 pub struct Index {
     pub dir: PathBuf,
     conn: Connection,
     pub settings: Settings,
+}
+
+/// One consistent state of an index (a read transaction): its revision, vectors and tiles
+/// all as of one commit, whatever a build commits meanwhile.
+pub struct View<'a> {
+    tx: rusqlite::Transaction<'a>,
+    dir: &'a Path,
+}
+
+impl View<'_> {
+    /// `meta.revision`: bumped by every commit that changes files or tiles.
+    pub fn revision(&self) -> Result<u64> {
+        let v = get_meta(&self.tx, "revision").map_err(|e| db_err(self.dir, e))?;
+        match v {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| Error::Index {
+                path: self.dir.display().to_string(),
+                msg: format!("unreadable `revision` record `{v}`: rebuild the index"),
+            }),
+        }
+    }
+
+    /// The live tiles' vectors.
+    pub fn vectors(&self) -> Result<Vectors> {
+        read_vectors(&self.tx, self.dir)
+    }
+
+    /// The tiles `ids`, in the same order; an id without its tile or file row is an error
+    /// naming it.
+    pub fn tiles(&self, ids: &[i64]) -> Result<Vec<TileInfo>> {
+        read_tiles(&self.tx, self.dir, ids)
+    }
+
+    /// Counts for a summary: files, of which unreadable, and tiles.
+    pub fn counts(&self) -> Result<(u64, u64, u64)> {
+        counts(&self.tx, self.dir)
+    }
+}
+
+fn counts(conn: &Connection, dir: &Path) -> Result<(u64, u64, u64)> {
+    conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM files), (SELECT COUNT(*) FROM files WHERE error IS NOT NULL),
+                (SELECT COUNT(*) FROM tiles)",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        },
+    )
+    .map_err(|e| db_err(dir, e))
 }
 
 impl Index {
@@ -671,6 +1067,21 @@ impl Index {
             });
         }
         let conn = open_conn(dir, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| db_err(dir, e))?;
+        if tables == 0 {
+            return Err(Error::Index {
+                path: dir.display().to_string(),
+                msg: "index.sqlite holds no index (its creation was interrupted): rerun \
+                      `harma index build`"
+                    .into(),
+            });
+        }
         let (settings, ..) = read_state(&conn, dir)?;
         Ok(Index {
             dir: dir.to_path_buf(),
@@ -679,104 +1090,52 @@ impl Index {
         })
     }
 
-    fn db(&self, e: rusqlite::Error) -> Error {
-        db_err(&self.dir, e)
+    /// A consistent view of the index, until it is dropped.
+    pub fn view(&mut self) -> Result<View<'_>> {
+        let Index { dir, conn, .. } = self;
+        let tx = conn.transaction().map_err(|e| db_err(dir, e))?;
+        Ok(View { tx, dir })
+    }
+
+    /// `f` on a consistent view of the index. A compaction may remove the vector file a view
+    /// names before the view reads it: then `f` runs again on a newer view (3 tries in all).
+    pub fn read<T>(&mut self, mut f: impl FnMut(&View) -> Result<T>) -> Result<T> {
+        let mut tries = 1;
+        loop {
+            let view = self.view()?;
+            match f(&view) {
+                Err(Error::Io { path, source })
+                    if tries < 3
+                        && source.kind() == std::io::ErrorKind::NotFound
+                        && path.ends_with(".f32") =>
+                {
+                    tries += 1
+                }
+                r => return r,
+            }
+        }
     }
 
     /// The live tiles' vectors (one consistent snapshot: the committed rows and the tiles that
     /// name them, read in one transaction).
     pub fn vectors(&mut self) -> Result<Vectors> {
-        let dir = self.dir.clone();
-        let db = |e| db_err(&dir, e);
-        let tx = self.conn.transaction().map_err(db)?;
-        let (settings, generation, _rows) = read_state(&tx, &dir)?;
-        let dim = settings.dim;
-        let pairs: Vec<(i64, i64)> = {
-            let mut st = tx
-                .prepare("SELECT id, row FROM tiles ORDER BY row")
-                .map_err(db)?;
-            let it = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(db)?;
-            it.collect::<rusqlite::Result<_>>().map_err(db)?
-        };
-        let path = dir.join(vectors_name(generation));
-        let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut data = Vec::with_capacity(pairs.len() * dim);
-        let mut ids = Vec::with_capacity(pairs.len());
-        // rows are sorted: read runs of consecutive rows at once
-        let mut buf = Vec::new();
-        let mut i = 0;
-        while i < pairs.len() {
-            let mut j = i + 1;
-            while j < pairs.len() && pairs[j].1 == pairs[j - 1].1 + 1 && j - i < 65536 {
-                j += 1;
-            }
-            buf.resize((j - i) * dim * 4, 0);
-            f.seek(SeekFrom::Start(pairs[i].1 as u64 * dim as u64 * 4))
-                .and_then(|_| f.read_exact(&mut buf))
-                .map_err(|e| Error::io(&path, e))?;
-            data.extend(
-                buf.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-            );
-            ids.extend(pairs[i..j].iter().map(|p| p.0));
-            i = j;
-        }
-        drop(tx);
-        Ok(Vectors { dim, data, ids })
+        self.read(|v| v.vectors())
     }
 
-    /// The stored tiles among `ids`, in the same order (ids not found are left out).
+    /// The stored tiles among `ids`, in the same order; an id without its tile or file row is
+    /// an error naming it. (For tiles that go with vectors, read both from one [`View`].)
     pub fn tiles(&self, ids: &[i64]) -> Result<Vec<TileInfo>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT t.id, f.path, t.x, t.y, t.w, t.h, t.edge, t.min_x, t.min_y, t.max_x,
-                        t.max_y, f.geo
-                 FROM tiles t JOIN files f ON f.id = t.file_id WHERE t.id = ?1",
-            )
-            .map_err(|e| self.db(e))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for &id in ids {
-            let row = st
-                .query_row([id], |r| {
-                    let geo: Option<String> = r.get(11)?;
-                    let geo: Option<GeoRef> = geo.and_then(|g| serde_json::from_str(&g).ok());
-                    let b: [Option<f64>; 4] = [r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?];
-                    Ok(TileInfo {
-                        id: r.get(0)?,
-                        file: r.get(1)?,
-                        tile: Tile {
-                            x: r.get::<_, i64>(2)? as usize,
-                            y: r.get::<_, i64>(3)? as usize,
-                            w: r.get::<_, i64>(4)? as usize,
-                            h: r.get::<_, i64>(5)? as usize,
-                            edge: r.get(6)?,
-                        },
-                        bbox: match b {
-                            [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
-                            _ => None,
-                        },
-                        epsg: geo.and_then(|g| g.epsg),
-                    })
-                })
-                .optional()
-                .map_err(|e| self.db(e))?;
-            out.extend(row);
-        }
-        Ok(out)
+        read_tiles(&self.conn, &self.dir, ids)
+    }
+
+    /// Tile `id` and its file's recorded size and time, if the index holds it; a damaged row
+    /// is an error.
+    pub fn tile(&self, id: i64) -> Result<Option<TileSource>> {
+        read_tile(&self.conn, &self.dir, id)
     }
 
     /// Counts for a summary: files, of which unreadable, and tiles.
     pub fn counts(&self) -> Result<(u64, u64, u64)> {
-        self.conn
-            .query_row(
-                "SELECT (SELECT COUNT(*) FROM files), (SELECT COUNT(*) FROM files WHERE error IS NOT NULL),
-                        (SELECT COUNT(*) FROM tiles)",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
-            )
-            .map_err(|e| self.db(e))
+        counts(&self.conn, &self.dir)
     }
 }

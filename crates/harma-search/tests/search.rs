@@ -505,3 +505,369 @@ fn requests_never_read_outside_the_indexed_folder() {
     handle.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every result of `reply` against an independent read of the index: its tile's file and box,
+/// and its score the dot product of `query` with that tile's own vector. Returns the files.
+fn check_results(index: &Path, reply: &serve::Reply, query: &[f32]) -> Vec<String> {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let mut fresh = Index::open(index).unwrap();
+    let v = fresh.vectors().unwrap();
+    let tiles = fresh.tiles(&v.ids).unwrap();
+    let j = json(reply);
+    assert_eq!(j["total"].as_u64(), Some(v.len() as u64));
+    let mut files = Vec::new();
+    for r in j["results"].as_array().unwrap() {
+        let id = r["id"].as_i64().unwrap();
+        let t = tiles.iter().find(|t| t.id == id).expect("a live tile");
+        assert_eq!(r["file"], t.file.as_str(), "tile {id}");
+        assert_eq!(r["x"].as_u64(), Some(t.tile.x as u64), "tile {id}");
+        assert_eq!(r["y"].as_u64(), Some(t.tile.y as u64), "tile {id}");
+        let dot: f32 = v
+            .get(id)
+            .unwrap()
+            .iter()
+            .zip(query)
+            .map(|(a, b)| a * b)
+            .sum();
+        let score = r["score"].as_f64().unwrap();
+        assert!(
+            (score - dot as f64).abs() < 1e-6,
+            "tile {id}: {score} vs {dot}"
+        );
+        files.push(t.file.clone());
+    }
+    files
+}
+
+#[test]
+fn a_served_index_rebuilt_underneath_gives_each_tile_its_own_score() {
+    let dir = temp("rebuilt");
+    let (app, images) = app(&dir);
+    let index = dir.join("index");
+    let before = app.handle("GET", "/api/search?q=axis+5&k=20");
+    check_results(&index, &before, &unit(5, 0));
+    // a build under the running server: a.png (the first 4 tiles) goes, c.png and d.png come,
+    // and the vectors are compacted
+    std::fs::remove_file(images.join("a.png")).unwrap();
+    save_png(&images.join("c.png"), &picture(64, 32, 3));
+    save_png(&images.join("d.png"), &picture(32, 32, 4));
+    let mut w = Writer::open(&index, &settings(&images), same).unwrap();
+    let files = [("b.png", 48, 32), ("c.png", 64, 32), ("d.png", 32, 32)];
+    assert_eq!(fill(&mut w, &images, &files, 2), 3);
+    assert_eq!(w.compact().unwrap(), 4);
+    drop(w);
+    let mut seen = Vec::new();
+    for n in 0..DIM {
+        let reply = app.handle("GET", &format!("/api/search?q=axis+{n}&k=20"));
+        seen.extend(check_results(&index, &reply, &unit(n, 0)));
+    }
+    assert!(seen.iter().any(|f| f == "c.png") && seen.iter().any(|f| f == "d.png"));
+    assert!(!seen.iter().any(|f| f == "a.png"));
+    let info = json(&app.handle("GET", "/api/info"));
+    assert_eq!(
+        (info["tiles"].as_u64(), info["searchable"].as_u64()),
+        (Some(5), Some(5))
+    );
+    // more like a new tile: itself first, at score 1
+    let mut fresh = Index::open(&index).unwrap();
+    let newest = *fresh.vectors().unwrap().ids.iter().max().unwrap();
+    let like = json(&app.handle("GET", &format!("/api/search?like={newest}&k=1")));
+    assert_eq!(like["results"][0]["id"].as_i64(), Some(newest));
+    assert_eq!(like["results"][0]["file"], "d.png");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_missing_row_is_an_error_naming_the_tile_never_a_shift() {
+    let dir = temp("missing-row");
+    let (app, _images) = app(&dir);
+    let db = rusqlite::Connection::open(dir.join("index/index.sqlite")).unwrap();
+    // b.png's file row deleted by hand: its tiles keep their vectors
+    let b_tiles: Vec<i64> = {
+        let mut st = db
+            .prepare(
+                "SELECT t.id FROM tiles t JOIN files f ON f.id = t.file_id
+                 WHERE f.path = 'b.png' ORDER BY t.id",
+            )
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    db.pragma_update(None, "foreign_keys", "OFF").unwrap();
+    db.execute("DELETE FROM files WHERE path = 'b.png'", [])
+        .unwrap();
+    // b's tiles lie along axes 4 and 5: the best results
+    let reply = app.handle("GET", "/api/search?q=axis+4&k=6");
+    let msg = json(&reply)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(reply.status, 500, "{msg}");
+    assert!(msg.contains(&format!("tile {} ", b_tiles[0])), "{msg}");
+    // as through the library
+    let mut index = Index::open(&dir.join("index")).unwrap();
+    let e = index
+        .read(|view| {
+            let v = view.vectors()?;
+            harma_search::output::ranked(view, &harma_search::exact::search(&v, &unit(4, 0), 6))
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has a vector but no tile or file row"), "{e}");
+    // a's tiles alone still come back, each with its own row
+    let ok = app.handle("GET", "/api/search?q=axis+1&k=2");
+    let j = json(&ok);
+    assert_eq!(ok.status, 200, "{j}");
+    assert!(j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["file"] == "a.png"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn vector_rows_are_bounds_checked_never_wrapped() {
+    let dir = temp("rows");
+    let (_app, _images) = app(&dir);
+    let out = dir.join("index");
+    let db = rusqlite::Connection::open(out.join("index.sqlite")).unwrap();
+    let first: i64 = db
+        .query_row("SELECT MIN(id) FROM tiles", [], |r| r.get(0))
+        .unwrap();
+    // 2^59 + 1 rows of 8 floats (32 bytes) is byte offset 2^64 + 32: row 1's vector, wrapped
+    for (row, says) in [
+        ((1i64 << 59) + 1, "outside the 6 committed rows"),
+        (-1, "outside the 6 committed rows"),
+        (i64::MAX, "outside the 6 committed rows"),
+    ] {
+        db.execute(
+            "UPDATE tiles SET row = ?2 WHERE id = ?1",
+            rusqlite::params![first, row],
+        )
+        .unwrap();
+        let e = Index::open(&out)
+            .unwrap()
+            .vectors()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("tile {first} names vector row {row}")),
+            "{e}"
+        );
+        assert!(e.contains(says), "{e}");
+    }
+    db.execute("UPDATE tiles SET row = 0 WHERE id = ?1", [first])
+        .unwrap();
+    assert_eq!(Index::open(&out).unwrap().vectors().unwrap().len(), 6);
+    // a committed row count past the file (or past u64 once in bytes)
+    for rows in ["7", "18446744073709551615"] {
+        db.execute("UPDATE meta SET value = ?1 WHERE key = 'rows'", [rows])
+            .unwrap();
+        let e = Index::open(&out)
+            .unwrap()
+            .vectors()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fewer than"), "{rows}: {e}");
+        let e = Writer::open(&out, &settings(&dir.join("images")), same)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("rebuild the index"), "{rows}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_interrupted_creation_is_redone_by_the_next_writer() {
+    let dir = temp("creation");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    save_png(&images.join("a.png"), &picture(64, 64, 1));
+    let files = [("a.png", 64, 64)];
+    let reference = dir.join("reference");
+    let mut w = Writer::open(&reference, &settings(&images), same).unwrap();
+    fill(&mut w, &images, &files, 3);
+    drop(w);
+    // what an older harma left when killed while creating (an index.sqlite without tables),
+    // and temp files of a creation killed in this one (pid 0 is never a user process)
+    let out = dir.join("index");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("index.sqlite"), b"").unwrap();
+    std::fs::write(out.join(".index.sqlite.tmp-0"), b"partial").unwrap();
+    std::fs::write(out.join(".index.sqlite.tmp-0-journal"), b"partial").unwrap();
+    let e = Index::open(&out).err().unwrap().to_string();
+    assert!(
+        e.contains("its creation was interrupted") && !e.contains("no such table"),
+        "{e}"
+    );
+    let mut w = Writer::open(&out, &settings(&images), same).unwrap();
+    fill(&mut w, &images, &files, 3);
+    drop(w);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["index.sqlite", "vectors-0.f32"]);
+    let (mut a, mut b) = (Index::open(&out).unwrap(), Index::open(&reference).unwrap());
+    let (va, vb) = (a.vectors().unwrap(), b.vectors().unwrap());
+    assert_eq!((va.ids.clone(), va.data), (vb.ids.clone(), vb.data));
+    assert_eq!(a.tiles(&va.ids).unwrap(), b.tiles(&vb.ids).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tampered_tile_rows_get_error_replies_and_the_server_keeps_answering() {
+    let dir = temp("tampered");
+    let (app, images) = app(&dir);
+    let listener = serve::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handle = {
+        let (app, stop) = (Arc::new(app), stop.clone());
+        std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
+    };
+    let db = rusqlite::Connection::open(dir.join("index/index.sqlite")).unwrap();
+    let ids: Vec<i64> = {
+        let mut st = db.prepare("SELECT id FROM tiles ORDER BY id").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let id = ids[0];
+    let huge = 1i64 << 40;
+    // (column, value, status, what the message says); each request twice, more often than
+    // there are threads
+    for (column, value, status, says) in [
+        ("x", -1, 500, "x=-1"),
+        ("w", -5, 500, "w=-5"),
+        ("x", i64::MAX, 500, "not one a build writes"),
+        ("h", huge, 500, "not one a build writes"),
+        ("w", 0, 500, "w=0"),
+        ("edge", 9, 500, "edge=9"),
+        ("y", 4_000_000_000, 409, "does not fit in a.png"),
+        ("w", 65, 409, "does not fit in a.png"),
+    ] {
+        db.execute(
+            &format!("UPDATE tiles SET {column} = ?2 WHERE id = ?1"),
+            rusqlite::params![id, value],
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let (got, body) = raw_request(addr, &format!("/api/tile/{id}.png"));
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(got, status, "{column}={value}: {text}");
+            assert!(text.contains(says), "{column}={value}: {text}");
+        }
+        db.execute(
+            "UPDATE tiles SET x = 0, y = 0, w = 32, h = 32, edge = 0 WHERE id = ?1",
+            [id],
+        )
+        .unwrap();
+    }
+    // a search whose results include the damaged row: an error naming it
+    db.execute("UPDATE tiles SET x = -7 WHERE id = ?1", [id])
+        .unwrap();
+    let (got, body) = raw_request(addr, "/api/search?q=axis+0&k=6");
+    assert_eq!(got, 500);
+    assert!(String::from_utf8_lossy(&body).contains(&format!("tile {id} of a.png")));
+    db.execute("UPDATE tiles SET x = 0 WHERE id = ?1", [id])
+        .unwrap();
+    // a row naming a file that is gone
+    std::fs::remove_file(images.join("b.png")).unwrap();
+    let (got, body) = raw_request(addr, &format!("/api/tile/{}.png", ids[5]));
+    assert_eq!(got, 404, "{}", String::from_utf8_lossy(&body));
+    // every worker still answers
+    for _ in 0..6 {
+        let (got, _) = raw_request(addr, &format!("/api/tile/{id}.png"));
+        assert_eq!(got, 200);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(addr);
+    handle.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn only_the_indexed_files_under_the_image_folder_are_read() {
+    let dir = temp("root");
+    let (app, images) = app(&dir);
+    drop(app);
+    let out = dir.join("index");
+    let embed = || -> serve::TextEmbedder { Box::new(|_: &str| Ok(unit(0, 0))) };
+    let set_root = |root: &str| {
+        let db = rusqlite::Connection::open(out.join("index.sqlite")).unwrap();
+        let mut s = settings(&images);
+        s.images = PathBuf::from(root);
+        db.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'settings'",
+            [serde_json::to_string(&s).unwrap()],
+        )
+        .unwrap();
+    };
+    // a recorded root of `/` (or a relative one) is refused; the folder given on the command
+    // line is used instead
+    set_root("/");
+    let e = App::new(Index::open(&out).unwrap(), None, embed())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("the root of the file system"), "{e}");
+    let e = App::new(Index::open(&out).unwrap(), Some("/".into()), embed())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("the root of the file system"), "{e}");
+    set_root("images");
+    let e = App::new(Index::open(&out).unwrap(), None, embed())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not an absolute path"), "{e}");
+    let app = App::new(Index::open(&out).unwrap(), Some(images.clone()), embed()).unwrap();
+    assert_eq!(app.handle("GET", "/api/tile/1.png").status, 200);
+
+    // a recorded root one folder up, and a files row naming an image there: it is inside the
+    // root, but not the file the index recorded (its size and time differ), so it is not read
+    let secret = dir.join("secret.png");
+    save_png(&secret, &picture(32, 32, 77));
+    set_root(dir.canonicalize().unwrap().to_str().unwrap());
+    let db = rusqlite::Connection::open(out.join("index.sqlite")).unwrap();
+    db.execute(
+        "UPDATE files SET path = 'secret.png' WHERE path = 'a.png'",
+        [],
+    )
+    .unwrap();
+    let app = App::new(Index::open(&out).unwrap(), None, embed()).unwrap();
+    let reply = app.handle("GET", "/api/tile/1.png");
+    let msg = json(&reply)["error"].as_str().unwrap().to_string();
+    assert_eq!(reply.status, 409, "{msg}");
+    assert!(
+        msg.contains("secret.png changed since it was indexed"),
+        "{msg}"
+    );
+    // an indexed file changed since: not read either
+    db.execute(
+        "UPDATE files SET path = 'images/a.png' WHERE path = 'secret.png'",
+        [],
+    )
+    .unwrap();
+    let app = App::new(Index::open(&out).unwrap(), None, embed()).unwrap();
+    assert_eq!(app.handle("GET", "/api/tile/1.png").status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    save_png(&images.join("a.png"), &picture(64, 64, 9));
+    let reply = app.handle("GET", "/api/tile/1.png");
+    assert_eq!(reply.status, 409);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -302,7 +302,11 @@ pub fn build(args: &BuildArgs, stop: &Arc<AtomicBool>, handle_ctrlc: bool) -> Re
     settings.tile = tile;
     settings.stride = stride;
     settings.bands = args.bands.as_ref().map(|b| b.to_string());
-    let mut writer = Writer::open(&args.out, &settings, same_build)?;
+    // testing only: a crash (abort) after a step of creating the index
+    let crash_creating = std::env::var("HARMA_INDEX_CRASH_CREATING")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut writer = Writer::open_crashing(&args.out, &settings, same_build, crash_creating)?;
     writer.crash_after = std::env::var("HARMA_INDEX_CRASH_AFTER")
         .ok()
         .and_then(|v| v.parse().ok());

@@ -161,15 +161,18 @@ pub fn run_search(args: &SearchArgs) -> Result<()> {
         (None, Some(image)) => embed_image(&loaded, image, bands.as_ref())?,
         (None, None) => bail!("give a text or --image FILE"),
     };
-    let vectors = index.vectors()?;
-    let start = std::time::Instant::now();
-    let hits = exact::search(&vectors, &query, args.k as usize);
-    let secs = start.elapsed().as_secs_f64();
-    let results = ranked(&index, &hits)?;
+    // the vectors and the results' rows from one consistent view of the index
+    let (total, results, secs) = index.read(|view| {
+        let vectors = view.vectors()?;
+        let start = std::time::Instant::now();
+        let hits = exact::search(&vectors, &query, args.k as usize);
+        let secs = start.elapsed().as_secs_f64();
+        Ok((vectors.len(), ranked(view, &hits)?, secs))
+    })?;
     if args.json {
         let mut out = serde_json::json!({
             "query": args.text, "image": args.image, "k": args.k,
-            "total": vectors.len(), "results": results,
+            "total": total, "results": results,
         });
         if args.vector {
             out["query_vector"] = serde_json::json!(query);
@@ -180,7 +183,7 @@ pub fn run_search(args: &SearchArgs) -> Result<()> {
     } else {
         print!("{}", table(&results));
     }
-    eprintln!("searched {} tiles in {:.1} ms", vectors.len(), secs * 1e3);
+    eprintln!("searched {total} tiles in {:.1} ms", secs * 1e3);
     Ok(())
 }
 

@@ -433,6 +433,64 @@ fn rebuilds_are_incremental_and_interrupted_builds_resume() {
     std::fs::remove_dir_all(&st.dir).unwrap();
 }
 
+#[test]
+fn an_index_creation_killed_at_any_step_is_redone_by_the_rerun() {
+    let st = setup("create");
+    let clean = st.dir.join("clean");
+    ok(&build(&st, &clean, &[]));
+    let want = scores(&search_json(&clean, &["boats"]));
+    // a kill -9 after each step of creating the index (temp file, schema, commit, link,
+    // temp removed, WAL, vector file); then `index info` and `search` fail with a message
+    // or answer, and the rerun succeeds and gives the uninterrupted index
+    for step in 1..=harma_search::store::CREATE_STEPS {
+        let index = st.dir.join(format!("index-{step}"));
+        let step_s = step.to_string();
+        let e = failed(&build_env(
+            &st,
+            &index,
+            &[],
+            &[("HARMA_INDEX_CRASH_CREATING", &step_s)],
+        ));
+        assert!(e.contains(&format!("after step {step} of creating")), "{e}");
+        for o in [
+            harma(&["index", "info", s(&index)]),
+            harma(&["search", s(&index), "boats"]),
+        ] {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !err.contains("no such table") && !err.contains("panicked"),
+                "step {step}: {err}"
+            );
+        }
+        let err = ok(&build(&st, &index, &[]));
+        assert!(err.contains("embedded 9 tiles"), "step {step}: {err}");
+        let got = scores(&search_json(&index, &["boats"]));
+        assert_eq!(got.len(), want.len(), "step {step}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2), "step {step}");
+            assert!((g.3 - w.3).abs() < 1e-5, "step {step}: {g:?} vs {w:?}");
+        }
+        let left: Vec<String> = std::fs::read_dir(&index)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "step {step}: {left:?}");
+    }
+    // what an older harma left: an index.sqlite without tables
+    let old = st.dir.join("index-old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("index.sqlite"), b"").unwrap();
+    let e = failed(&harma(&["index", "info", s(&old)]));
+    assert!(
+        e.contains("its creation was interrupted") && e.contains("rerun"),
+        "{e}"
+    );
+    ok(&build(&st, &old, &[]));
+    assert_eq!(scores(&search_json(&old, &["boats"])).len(), 9);
+    std::fs::remove_dir_all(&st.dir).unwrap();
+}
+
 /// An HTTP GET to the server: status and body.
 fn get(addr: &str, target: &str) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
@@ -503,6 +561,31 @@ fn serve_answers_text_queries_with_the_model() {
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     let (status, _) = get(&addr, "/");
     assert_eq!(status, 200);
+    // the index rebuilt under the running server (a file gone, one new, the vectors
+    // compacted): the next answers are the new index's, each tile with its own score
+    std::fs::remove_file(st.images.join("geo.tif")).unwrap();
+    write_png(&st.images.join("sub/new.png"), 64, 64, 6);
+    let err = ok(&build(&st, &index, &[]));
+    assert!(err.contains("compacted"), "{err}");
+    let want = scores(&search_json(&index, &["a bridge over a river"]));
+    assert_eq!(want.len(), 4);
+    let (status, body) = get(&addr, "/api/search?q=a+bridge+over+a+river&k=9");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["total"], 4);
+    let got = scores(&v);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2));
+        assert!((g.3 - w.3).abs() < 1e-5, "{g:?} vs {w:?}");
+    }
+    let new = results(&v)
+        .into_iter()
+        .find(|r| r["file"] == "sub/new.png")
+        .unwrap();
+    let (status, png) = get(&addr, &format!("/api/tile/{}.png", new["id"]));
+    assert_eq!(status, 200);
+    assert!(png.starts_with(b"\x89PNG"));
     drop(child);
     std::fs::remove_dir_all(&st.dir).unwrap();
 }
