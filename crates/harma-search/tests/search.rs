@@ -371,6 +371,33 @@ fn json_api_answers_and_refuses() {
 }
 
 /// Send one raw HTTP request; the status and the body.
+/// `serve::run` on a free local port, on a thread of its own, with 2 workers.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(app: serve::App) -> Self {
+        let listener = serve::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handle = {
+            let (app, stop) = (Arc::new(app), stop.clone());
+            std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
+        };
+        Self { addr, stop, handle }
+    }
+
+    /// Ask the server to stop, wake its accept loop and wait for it.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        self.handle.join().unwrap();
+    }
+}
+
 fn raw_request(addr: std::net::SocketAddr, target: &str) -> (u16, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
@@ -405,14 +432,8 @@ fn requests_never_read_outside_the_indexed_folder() {
     std::fs::write(dir.join("secret.txt"), "TOP SECRET").unwrap();
     #[cfg(unix)]
     std::os::unix::fs::symlink(&secret, images.join("link.png")).unwrap();
-    let listener = serve::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Arc::new(app);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handle = {
-        let (app, stop) = (app.clone(), stop.clone());
-        std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
-    };
+    let server = Running::start(app);
+    let addr = server.addr;
     let leaks = |body: &[u8]| {
         let text = String::from_utf8_lossy(body);
         text.contains("TOP SECRET") || text.contains("root:")
@@ -500,9 +521,7 @@ fn requests_never_read_outside_the_indexed_folder() {
     .unwrap();
     let (status, _) = raw_request(addr, &format!("/api/tile/{a_tile}.png"));
     assert_eq!(status, 404);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = std::net::TcpStream::connect(addr);
-    handle.join().unwrap();
+    server.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -730,13 +749,8 @@ fn an_interrupted_creation_is_redone_by_the_next_writer() {
 fn tampered_tile_rows_get_error_replies_and_the_server_keeps_answering() {
     let dir = temp("tampered");
     let (app, images) = app(&dir);
-    let listener = serve::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handle = {
-        let (app, stop) = (Arc::new(app), stop.clone());
-        std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
-    };
+    let server = Running::start(app);
+    let addr = server.addr;
     let db = rusqlite::Connection::open(dir.join("index/index.sqlite")).unwrap();
     let ids: Vec<i64> = {
         let mut st = db.prepare("SELECT id FROM tiles ORDER BY id").unwrap();
@@ -793,9 +807,7 @@ fn tampered_tile_rows_get_error_replies_and_the_server_keeps_answering() {
         let (got, _) = raw_request(addr, &format!("/api/tile/{id}.png"));
         assert_eq!(got, 200);
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = std::net::TcpStream::connect(addr);
-    handle.join().unwrap();
+    server.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
