@@ -54,11 +54,64 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .into_iter()
         .map(|(k, t)| {
             let t = if t.dtype().is_float() {
-                t.to_dtype(DType::F32)?
+                let t = t.to_dtype(DType::F32)?;
+                check_finite(path, &k, &t)?;
+                t
             } else {
                 t
             };
             Ok((k, t))
         })
         .collect()
+}
+
+/// An f32 tensor `key` of the file `path` with a NaN or an infinity is an error that names
+/// the file, the tensor and the first such element: a planted or corrupted value is refused
+/// at load, not found as a NaN loss later.
+pub fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Checkpoint(format!(
+            "{}: tensor `{key}` holds {} at element {i} (of {}): the file is corrupt or was \
+             saved from a diverged run",
+            path.display(),
+            v[i],
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NaN or an infinity in any float tensor of a checkpoint is refused at load, naming
+    /// the file, the tensor and the element.
+    #[test]
+    fn non_finite_values_are_refused_by_name() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("harma-finite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        for (bad, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+            let path = dir.join("ckpt.safetensors");
+            let ok = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+            let spoiled = Tensor::new(&[0f32, 0.5, bad], &Device::Cpu)?;
+            let map: HashMap<String, Tensor> = [
+                ("a.weight".to_string(), ok),
+                ("model.temp".to_string(), spoiled),
+            ]
+            .into();
+            candle_core::safetensors::save(&map, &path)?;
+            let err = load_tensors(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("ckpt.safetensors")
+                    && err.contains("`model.temp`")
+                    && err.contains(shown)
+                    && err.contains("element 2"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
 }

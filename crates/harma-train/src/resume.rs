@@ -109,6 +109,20 @@ pub fn restore(dir: &Path, trainer: &mut Trainer, n_pairs: usize) -> Result<usiz
     let adamw_step: usize = get("adamw_step")?.parse()?;
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("{}: cannot read its tensors", path.display()))?;
+    // a planted or corrupt value is refused here, before anything is restored, by name
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for key in names {
+        let t = tensors[key].to_dtype(candle_core::DType::F32)?;
+        harma_checkpoint::format::check_finite(&path, key, &t)?;
+        if key.starts_with("adam_v/") && t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| *v < 0.0)
+        {
+            bail!(
+                "{}: `{key}` holds a negative second moment: the file is corrupt",
+                path.display()
+            );
+        }
+    }
     let mut moments = HashMap::new();
     for (name, var) in trainer.vars() {
         let mut take = |kind: &str| {

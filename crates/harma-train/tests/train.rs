@@ -213,6 +213,41 @@ fn contents(path: &Path) -> Contents {
     (meta, tensors)
 }
 
+/// A NaN planted in a run's resume.safetensors (a parameter, or an AdamW moment) is refused
+/// when the run resumes, naming the file and the tensor, before anything is restored.
+#[test]
+fn a_nan_planted_in_the_resume_checkpoint_is_named_at_load() -> Result<()> {
+    let dir = temp_dir("resume-nan");
+    let b = args(&dir, "b").resolve()?;
+    let stop = Control {
+        stop_after: Some(1),
+        ..Control::default()
+    };
+    assert_eq!(train(&b, false, &stop)?, Outcome::Stopped { step: 1 });
+    let path = b.out().join("resume.safetensors");
+    let clean = std::fs::read(&path)?;
+    for key in ["param/temp", "adam_m/visual.transformer.resblocks.0.gate1"] {
+        // overwrite the tensor's first element in place with a NaN
+        let mut bytes = clean.clone();
+        let offset = {
+            let st = safetensors::SafeTensors::deserialize(&clean)?;
+            st.tensor(key)?.data().as_ptr() as usize - clean.as_ptr() as usize
+        };
+        bytes[offset..offset + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&path, &bytes)?;
+        let err = train(&resumed(b.out(), &[])?, true, &Control::default()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("resume.safetensors")
+                && msg.contains(&format!("`{key}`"))
+                && msg.contains("NaN"),
+            "{msg}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
 #[test]
 fn resuming_equals_not_stopping() -> Result<()> {
     let dir = temp_dir("resume");
