@@ -174,13 +174,15 @@ pub struct GeoRef {
 }
 
 impl GeoRef {
-    /// The box `[min_x, min_y, max_x, max_y]` of a pixel rectangle, in the CRS.
-    pub fn bbox(&self, t: &Tile) -> [f64; 4] {
+    /// The box `[min_x, min_y, max_x, max_y]` of a pixel rectangle, in the CRS; `None` where
+    /// it is not finite (a crafted or broken pixel scale such as 1e306 overflows).
+    pub fn bbox(&self, t: &Tile) -> Option<[f64; 4]> {
         let xa = self.x0 + t.x as f64 * self.dx;
         let xb = self.x0 + (t.x + t.w) as f64 * self.dx;
         let ya = self.y0 + t.y as f64 * self.dy;
         let yb = self.y0 + (t.y + t.h) as f64 * self.dy;
-        [xa.min(xb), ya.min(yb), xa.max(xb), ya.max(yb)]
+        let b = [xa.min(xb), ya.min(yb), xa.max(xb), ya.max(yb)];
+        b.iter().all(|v| v.is_finite()).then_some(b)
     }
 }
 

@@ -124,11 +124,17 @@ fn geotiff_boxes_match_hand_computed_values() {
     let grid = tile_grid(300, 200, 128, 128);
     assert_eq!(grid.len(), 6);
     // tile (0, 0): x 0..128 -> 500000..501280; y 0..128 -> 4000000 down to 3998720
-    assert_eq!(g.bbox(&grid[0]), [500000.0, 3998720.0, 501280.0, 4000000.0]);
+    assert_eq!(
+        g.bbox(&grid[0]),
+        Some([500000.0, 3998720.0, 501280.0, 4000000.0])
+    );
     // the last tile: x 172..300 -> 501720..503000; y 72..200 -> 3999280 down to 3998000
     let last = grid.last().unwrap();
     assert_eq!((last.x, last.y, last.edge), (172, 72, 3));
-    assert_eq!(g.bbox(last), [501720.0, 3998000.0, 503000.0, 3999280.0]);
+    assert_eq!(
+        g.bbox(last),
+        Some([501720.0, 3998000.0, 503000.0, 3999280.0])
+    );
 
     // the same place by ModelTransformation, with a tiepoint away from the corner elsewhere
     let m = dir.join("matrix.tif");
@@ -164,13 +170,15 @@ fn geotiff_boxes_match_hand_computed_values() {
     );
     let gt = read_georef(&t).unwrap().unwrap();
     assert_eq!(gt.epsg, Some(4326));
-    let b = gt.bbox(&Tile {
-        x: 0,
-        y: 0,
-        w: 64,
-        h: 64,
-        edge: 0,
-    });
+    let b = gt
+        .bbox(&Tile {
+            x: 0,
+            y: 0,
+            w: 64,
+            h: 64,
+            edge: 0,
+        })
+        .unwrap();
     let want = [10.0, 45.1 - 0.064, 10.064, 45.1];
     assert!(
         b.iter().zip(want).all(|(a, w)| (a - w).abs() < 1e-9),
@@ -323,4 +331,28 @@ fn bands_are_picked_and_wide_samples_stretched() {
     assert_eq!(img.data, vec![3, 2, 1, 6, 5, 4]);
     assert!(load_raster(&png, Some(&"4,2,1".parse::<Bands>().unwrap())).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A finite but huge pixel scale (a crafted or broken GeoTIFF: 1e306 m per pixel) gives no
+/// box rather than an infinite one (which became GeoJSON polygons of nulls).
+#[test]
+fn a_box_that_overflows_is_no_box() {
+    let g = harma_data::raster::GeoRef {
+        epsg: Some(32633),
+        x0: 0.0,
+        dx: 1e306,
+        y0: 0.0,
+        dy: -1e306,
+    };
+    let t = |x: usize, w: usize| Tile {
+        x,
+        y: 0,
+        w,
+        h: 1,
+        edge: 0,
+    };
+    // one pixel is still finite; 256 of them are not (f64 ends at 1.8e308)
+    assert_eq!(g.bbox(&t(0, 1)), Some([0.0, -1e306, 1e306, 0.0]));
+    assert_eq!(g.bbox(&t(0, 256)), None);
+    assert_eq!(g.bbox(&t(200, 1)), None);
 }

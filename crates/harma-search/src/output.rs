@@ -43,7 +43,27 @@ pub fn ranked(view: &View, hits: &[Hit]) -> Result<Vec<Ranked>> {
         .collect()
 }
 
-/// A plain-text table, one line per result.
+/// `s` with every control character (ESC, BEL, CR, LF, DEL, C1...) written as `\u{..}`: a
+/// file name or request target shown on a terminal or written to a log cannot move the
+/// cursor, retitle or clear the terminal, or start a forged line.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    format!("\\u{{{:x}}}", c as u32)
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// A plain-text table, one line per result (file names made [`printable`]).
 pub fn table(results: &[Ranked]) -> String {
     let mut s = format!(
         "{:>4} {:>7}  {:<40} {:<22} {}\n",
@@ -66,7 +86,7 @@ pub fn table(results: &[Ranked]) -> String {
             "{:>4} {:>7.4}  {:<40} {:<22} {}\n",
             r.rank,
             r.score,
-            r.tile.file,
+            printable(&r.tile.file),
             format!("{},{} {}x{}", t.x, t.y, t.w, t.h),
             geo
         );
@@ -171,5 +191,20 @@ mod tests {
             t.contains("EPSG:32633") && t.contains("0,256 256x256"),
             "{t}"
         );
+    }
+
+    /// A file name with terminal escapes and line breaks prints as one inert line.
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let mut hostile = r(1, None, None);
+        hostile.tile.file = "a\u{1b}]0;owned\u{7}b\nforged 1.0000 row\r\u{9b}2J.png".into();
+        let t = table(&[hostile]);
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(
+            t.contains("a\\u{1b}]0;owned\\u{7}b\\u{a}forged 1.0000 row\\u{d}\\u{9b}2J.png"),
+            "{t}"
+        );
+        assert_eq!(printable("plain name.tif"), "plain name.tif");
     }
 }

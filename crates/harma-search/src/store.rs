@@ -647,7 +647,7 @@ impl Writer {
                         *e.insert(g.and_then(|g| serde_json::from_str(&g).ok()))
                     }
                 };
-                let bbox = geo.map(|g| g.bbox(&t.tile));
+                let bbox = geo.and_then(|g| g.bbox(&t.tile));
                 let b = |k: usize| bbox.map(|b| b[k]);
                 st.execute(params![
                     t.file_id,
@@ -885,8 +885,13 @@ fn read_tile(conn: &Connection, dir: &Path, id: i64) -> Result<Option<TileSource
                 h: h as usize,
                 edge: edge as u8,
             },
+            // a box that is not finite (written by an older build, or tampered) is no box
             bbox: match b {
-                [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
+                [Some(a), Some(b), Some(c), Some(d)]
+                    if [a, b, c, d].iter().all(|v| v.is_finite()) =>
+                {
+                    Some([a, b, c, d])
+                }
                 _ => None,
             },
             epsg: geo.and_then(|g| g.epsg),

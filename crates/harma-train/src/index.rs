@@ -406,7 +406,8 @@ fn embed_tiles(
                 Vec::new()
             };
             for (id, msg) in &b.failed {
-                pb.suspend(|| eprintln!("warning: skipping {msg}"));
+                let shown = harma_search::output::printable(msg);
+                pb.suspend(|| eprintln!("warning: skipping {shown}"));
                 writer.fail_file(*id, msg)?;
             }
             writer.append(&b.tiles, &vectors, &b.files, &b.done)?;

@@ -71,11 +71,36 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// Text for a Markdown table cell or line: no pipes, no line breaks, no HTML.
+/// Text for a Markdown table cell or line: no pipes, no line breaks, no HTML. Inside a code
+/// span (between backticks) `<` is already literal, and an entity would be shown as written,
+/// so it is escaped only outside them.
 fn md(s: &str) -> String {
-    s.replace('|', "\\|")
-        .replace(['\n', '\r'], " ")
-        .replace('<', "&lt;")
+    let mut out = String::with_capacity(s.len());
+    let mut in_code = false;
+    for c in s.chars() {
+        match c {
+            '`' => {
+                in_code = !in_code;
+                out.push(c);
+            }
+            '|' => out.push_str("\\|"),
+            '\n' | '\r' => out.push(' '),
+            '<' if !in_code => out.push_str("&lt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `s` as a Markdown code span (a name: an image file, a path): shown exactly, pipes escaped
+/// for tables, line breaks as spaces; fenced with two backticks where it holds one.
+fn md_code(s: &str) -> String {
+    let inner = s.replace('|', "\\|").replace(['\n', '\r'], " ");
+    if inner.contains('`') {
+        format!("`` {inner} ``")
+    } else {
+        format!("`{inner}`")
+    }
 }
 
 const CSS: &str = r#"
@@ -450,13 +475,17 @@ fn md_block(m: &mut String, b: &Block, level: usize) {
             for q in qs {
                 let _ = writeln!(
                     m,
-                    "- \"{}\" (its image `{}` ranks {}): {}",
+                    "- \"{}\" (its image {} ranks {}): {}",
                     md(&q.caption),
-                    md(&q.image),
+                    md_code(&q.image),
                     q.rank,
                     q.top
                         .iter()
-                        .map(|h| format!("`{}`{}", md(&h.image), if h.correct { " ✓" } else { "" }))
+                        .map(|h| format!(
+                            "{}{}",
+                            md_code(&h.image),
+                            if h.correct { " ✓" } else { "" }
+                        ))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
@@ -467,8 +496,8 @@ fn md_block(m: &mut String, b: &Block, level: usize) {
             for q in qs {
                 let _ = writeln!(
                     m,
-                    "- `{}` (its best caption ranks {}):",
-                    md(&q.image),
+                    "- {} (its best caption ranks {}):",
+                    md_code(&q.image),
                     q.rank
                 );
                 for (k, h) in q.top.iter().enumerate() {
@@ -507,6 +536,10 @@ mod tests {
             "see <code>a&lt;b</code> here"
         );
         assert_eq!(inline_html("one ` tick"), "one ` tick");
+        // Markdown: `<` escaped outside code spans only (an entity inside one shows as written)
+        assert_eq!(md("a<b `c<d` e|f"), "a&lt;b `c<d` e\\|f");
+        assert_eq!(md_code("x<y|z.png"), "`x<y\\|z.png`");
+        assert_eq!(md_code("a`b"), "`` a`b ``");
         let page = Page {
             title: "t <x>".into(),
             blocks: vec![Block::Table(Table {
