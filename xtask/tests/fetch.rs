@@ -597,13 +597,17 @@ fn servers_that_ignore_ranges_or_stall_do_not_block() {
     assert!(!ok && text.contains("timed out"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     // a server that gives no size for a file of unknown size: refused before a byte is
-    // written (it could send for ever); one whose size is known is fetched
+    // written (it could send for ever), even where an unchecked file is allowed; one whose
+    // size is known is fetched
     s.state.lock().unwrap().no_length.insert(RELEASE.into());
     std::fs::remove_file(s.data().join("models/harma_rsitmd_x.pth")).unwrap();
     let no_size = serde_json::json!({"assets": [{"name": "harma_rsitmd_x.pth",
         "browser_download_url": format!("{}{RELEASE}", s.base)}]});
     s.serve(LISTING, no_size.to_string().into_bytes());
-    let (ok, text) = s.fetch(&["--model", "rel", "--dataset", "none"], None);
+    let (ok, text) = s.fetch(
+        &["--model", "rel", "--dataset", "none", "--allow-unverified"],
+        None,
+    );
     assert!(!ok && text.contains("announces no size"), "{text}");
     assert!(files_under(&s.data().join("models")).is_empty(), "{text}");
     s.list_assets(&[("harma_rsitmd_x.pth", RELEASE, None)]);
@@ -780,5 +784,29 @@ fn archive_bombs_stop_at_their_limits() {
     let (ok, text) = s.fetch(&only, None);
     assert!(!ok && text.contains("not a valid zip"), "{text}");
     assert!(!ds.join(".unpack").exists() && !ds.join(".complete").exists());
+    s.nothing_written_outside();
+}
+
+/// A release asset listed with neither a size nor a digest cannot be checked: refused, unless
+/// asked for with --allow-unverified, and the log says it was not checked.
+#[test]
+fn a_download_nothing_can_check_is_refused_unless_allowed() {
+    let s = setup("unverified");
+    // listed before it is served: the listing carries no size (and no digest)
+    s.state.lock().unwrap().files.remove(RELEASE);
+    s.list_assets(&[("harma_rsitmd_x.pth", RELEASE, None)]);
+    s.serve(RELEASE, s.release.clone());
+    let args = ["--model", "rel", "--dataset", "none"];
+    let (ok, text) = s.fetch(&args, None);
+    assert!(
+        !ok && text.contains("harma_rsitmd_x.pth")
+            && text.contains("neither a size nor a checksum")
+            && text.contains("--allow-unverified"),
+        "{text}"
+    );
+    assert!(files_under(&s.data().join("models")).is_empty());
+    let (ok, text) = s.fetch(&[&args[..], &["--allow-unverified"]].concat(), None);
+    assert!(ok && text.contains("NOT checked"), "{text}");
+    assert_eq!(read(&s.data().join("models/harma_rsitmd_x.pth")), s.release);
     s.nothing_written_outside();
 }

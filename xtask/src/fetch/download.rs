@@ -36,6 +36,8 @@ pub struct Net {
     probe: ureq::Agent,
     /// transfers that break off are resumed this many times within the run
     retries: usize,
+    /// take a file that nothing can check (no size, no digest known) instead of refusing it
+    pub allow_unverified: bool,
 }
 
 impl Net {
@@ -55,6 +57,7 @@ impl Net {
             agent: build(5),
             probe: build(0),
             retries: 3,
+            allow_unverified: false,
         }
     }
 }
@@ -79,6 +82,28 @@ pub struct Expect {
 impl Expect {
     fn has_hash(&self) -> bool {
         self.sha256.is_some() || self.git_sha1.is_some()
+    }
+
+    /// Say what will be checked of `what` (`name` in the log), before it is downloaded: a
+    /// checksum, else its size only (said so), else nothing, which is refused unless
+    /// `net.allow_unverified` (and then said so).
+    pub fn announce(&self, net: &Net, name: &str, what: &str) -> Result<()> {
+        match (self.has_hash(), self.size) {
+            (true, _) => {}
+            (false, Some(n)) => {
+                println!("{name}: {what}: no checksum is known; checked by size only ({n} bytes)")
+            }
+            (false, None) if net.allow_unverified => println!(
+                "{name}: {what}: NOT checked: neither a size nor a checksum is known \
+                 (--allow-unverified)"
+            ),
+            (false, None) => bail!(
+                "{name}: {what}: neither a size nor a checksum is known, so nothing could tell \
+                 a truncated or altered download from the real one; refused (pin a sha256 in \
+                 the sources file, or rerun with --allow-unverified to take it unchecked)"
+            ),
+        }
+        Ok(())
     }
 }
 
@@ -692,12 +717,7 @@ pub fn fetch_hf(net: &Net, f: &HfFile) -> Result<PathBuf> {
         }
     };
     let expect = hf_expect(f, Some(&meta))?;
-    if !expect.has_hash() {
-        println!(
-            "{}: no checksum is known (the Hub's ETag is not one); checked by size only",
-            f.file
-        );
-    }
+    expect.announce(net, &f.repo, &f.file)?;
     let repo_dir = cache.path().join(repo.folder_name());
     let blob = repo_dir.join("blobs").join(&meta.etag);
     let mut cached = false;

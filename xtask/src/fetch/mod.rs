@@ -68,6 +68,10 @@ pub struct Args {
     /// Seconds a connection may stay silent before it counts as broken (and is resumed)
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     timeout: u64,
+    /// Take a file of which neither a size nor a checksum is known (nothing can check it);
+    /// refused without this
+    #[arg(long)]
+    allow_unverified: bool,
     /// Another sources file (tests, mirrors)
     #[arg(long, value_name = "FILE", hide = true)]
     sources: Option<PathBuf>,
@@ -421,12 +425,7 @@ pub fn fetch_model(net: &Net, name: &str, src: &ModelSource, data: &Path) -> Res
             println!("{name}: in place ({})", dest.display());
             continue;
         }
-        if a.expect.sha256.is_none() {
-            println!(
-                "{name}: {}: GitHub lists no digest for it; checked by size only",
-                a.name
-            );
-        }
+        a.expect.announce(net, name, &a.name)?;
         println!("{name}: {} <- {}", a.name, a.url);
         download(net, &a.url, &dest, &a.expect, None, &a.name)?;
     }
@@ -500,7 +499,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let datasets = select(&ds_asked, sources.datasets.keys().collect(), "dataset")?;
     let models = select(&m_asked, sources.models.keys().collect(), "model")?;
-    let net = Net::new(Duration::from_secs(args.timeout.max(1)));
+    let mut net = Net::new(Duration::from_secs(args.timeout.max(1)));
+    net.allow_unverified = args.allow_unverified;
     let limits = Limits {
         max_member: args.max_image_size,
         max_total: args.max_unpacked_size,
