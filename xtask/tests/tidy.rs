@@ -1,5 +1,6 @@
 //! Tidy checks over the repository's own text, as rust-analyzer keeps them: every test that
-//! README's "Results" table names exists, and no test passes by skipping its work.
+//! README's "Results" table names exists, every test the docs cite exists, and no test passes
+//! by skipping its work.
 //!
 //! A test that cannot run here (no such CPU feature, a file or variable it needs is absent) is
 //! marked `#[ignore = "why, and how to run it"]`, so that `cargo test` reports it as ignored
@@ -197,6 +198,53 @@ fn every_result_in_the_readme_names_a_test_that_exists() {
         problems.is_empty(),
         "README Results:\n{}",
         problems.join("\n")
+    );
+}
+
+/// Every function name that README.md or docs/*.md cite in backticks (snake_case with at
+/// least three underscores: the shape of our test names) is a function in the code: a doc
+/// cannot cite a test that was renamed or removed.
+#[test]
+fn every_test_the_docs_cite_exists() {
+    let mut code = String::new();
+    let mut files = vec![];
+    rust_files(&root().join("crates"), &mut files);
+    rust_files(&root().join("xtask"), &mut files);
+    for f in files {
+        code.push_str(&std::fs::read_to_string(f).unwrap());
+        code.push('\n');
+    }
+    let mut docs = vec![root().join("README.md")];
+    for e in std::fs::read_dir(root().join("docs")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            docs.push(e.path());
+        }
+    }
+    let mut missing = vec![];
+    let mut cited = 0;
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for name in text.split('`').skip(1).step_by(2) {
+            let looks_like_fn = name.split('_').count() >= 4
+                && name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !looks_like_fn {
+                continue;
+            }
+            cited += 1;
+            if !code.contains(&format!("fn {name}(")) && !code.contains(&format!("fn {name}<")) {
+                let doc = doc.strip_prefix(root()).unwrap().display().to_string();
+                missing.push(format!("{doc}: `{name}`"));
+            }
+        }
+    }
+    assert!(cited >= 30, "found only {cited} cited names");
+    assert!(
+        missing.is_empty(),
+        "cited but not in the code:\n{}",
+        missing.join("\n")
     );
 }
 
