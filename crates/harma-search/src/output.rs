@@ -43,17 +43,26 @@ pub fn ranked(view: &View, hits: &[Hit]) -> Result<Vec<Ranked>> {
         .collect()
 }
 
-/// `s` with every control character (ESC, BEL, CR, LF, DEL, C1...) written as `\u{..}`: a
-/// file name or request target shown on a terminal or written to a log cannot move the
-/// cursor, retitle or clear the terminal, or start a forged line.
+/// Whether `c` is written escaped by [`printable`]: a control character (ESC, BEL, CR, LF,
+/// DEL, C1...), a bidirectional override or mark (which reorders what follows on screen), or
+/// the backslash that starts an escape (so a literal `\u{1b}` cannot pose as one).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || c == '\\'
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every character of [`needs_escape`] written as `\u{..}`: a file name or request
+/// target shown on a terminal or written to a log cannot move the cursor, retitle or clear
+/// the terminal, reorder the line or start a forged one.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(needs_escape) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
             .map(|c| {
-                if c.is_control() {
+                if needs_escape(c) {
                     format!("\\u{{{:x}}}", c as u32)
                 } else {
                     c.to_string()
@@ -206,5 +215,6 @@ mod tests {
             "{t}"
         );
         assert_eq!(printable("plain name.tif"), "plain name.tif");
+        assert_eq!(printable("a\\b\u{202e}c"), "a\\u{5c}b\\u{202e}c");
     }
 }

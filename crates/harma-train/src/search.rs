@@ -224,13 +224,20 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         args.index.display(),
         listener.local_addr()?
     );
+    // a name it was bound by is one it answers to, besides IP addresses and localhost
+    let name = args
+        .addr
+        .rsplit_once(':')
+        .map_or(args.addr.as_str(), |(h, _)| h);
+    let cfg = serve::ServeConfig {
+        threads: args.threads as usize,
+        hosts: vec![name.trim_matches(['[', ']']).to_string()],
+        log: args
+            .log
+            .then(|| Arc::new(|line: &str| eprintln!("{line}")) as serve::Log),
+        ..serve::ServeConfig::default()
+    };
     let never = std::sync::atomic::AtomicBool::new(false);
-    serve::run(
-        Arc::new(app),
-        listener,
-        args.threads as usize,
-        args.log,
-        &never,
-    );
+    serve::run_with(Arc::new(app), listener, &cfg, &never);
     Ok(())
 }
