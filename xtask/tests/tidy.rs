@@ -324,3 +324,35 @@ fn the_tidy_checks_see_skips_and_tests() {
     assert_eq!(tests[2].body.len(), 6);
     assert_eq!(skips(&tests[3]).len(), 1, "{:?}", skips(&tests[3]));
 }
+
+/// Unsafe code lives in harma-kernels alone, and there every unsafe block says why it is
+/// sound: every other crate root forbids it, and the kernels crate denies clippy's
+/// `undocumented_unsafe_blocks` (so `cargo clippy` fails on an unexplained block).
+#[test]
+fn unsafe_code_is_confined_and_explained() {
+    let mut roots = vec![root().join("xtask/src/main.rs")];
+    for e in std::fs::read_dir(root().join("crates")).unwrap().flatten() {
+        for f in ["src/lib.rs", "src/main.rs"] {
+            let p = e.path().join(f);
+            if p.exists() {
+                roots.push(p);
+            }
+        }
+    }
+    assert!(roots.len() >= 11, "{roots:?}");
+    for p in roots {
+        let text = std::fs::read_to_string(&p).unwrap();
+        let rel = p.strip_prefix(root()).unwrap().display().to_string();
+        if rel.starts_with("crates/harma-kernels/") {
+            assert!(
+                text.contains("#![deny(clippy::undocumented_unsafe_blocks)]"),
+                "{rel}: deny clippy::undocumented_unsafe_blocks"
+            );
+        } else {
+            assert!(
+                text.contains("#![forbid(unsafe_code)]"),
+                "{rel}: forbid unsafe code"
+            );
+        }
+    }
+}

@@ -18,6 +18,9 @@
 //!
 //! Errors are Candle's: these are Candle ops.
 
+// the one crate with unsafe code: every unsafe block says why it is sound
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bf16_linear;
 pub mod compute;
 pub mod nn;

@@ -1,4 +1,5 @@
 //! `harma`: the command-line front end. Parsing only; the work is in the library.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 
