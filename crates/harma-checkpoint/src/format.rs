@@ -65,18 +65,34 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
+/// `f` on the f32 elements of `t`, in order: read in place from a contiguous CPU tensor (a
+/// checkpoint's tensors are; no copy of a 100 MB embedding at start-up), else from a copy.
+pub fn scan_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// An f32 tensor `key` of the file `path` with a NaN or an infinity is an error that names
 /// the file, the tensor and the first such element: a planted or corrupted value is refused
 /// at load, not found as a NaN loss later.
 pub fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+    let bad = scan_f32(t, |v| {
+        v.iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i], v.len()))
+    })?;
+    if let Some((i, value, n)) = bad {
         return Err(Error::Checkpoint(format!(
-            "{}: tensor `{key}` holds {} at element {i} (of {}): the file is corrupt or was \
-             saved from a diverged run",
+            "{}: tensor `{key}` holds {value} at element {i} (of {n}): the file is corrupt or \
+             was saved from a diverged run",
             path.display(),
-            v[i],
-            v.len()
         )));
     }
     Ok(())

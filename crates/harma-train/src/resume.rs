@@ -115,7 +115,8 @@ pub fn restore(dir: &Path, trainer: &mut Trainer, n_pairs: usize) -> Result<usiz
     for key in names {
         let t = tensors[key].to_dtype(candle_core::DType::F32)?;
         harma_checkpoint::format::check_finite(&path, key, &t)?;
-        if key.starts_with("adam_v/") && t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| *v < 0.0)
+        if key.starts_with("adam_v/")
+            && harma_checkpoint::format::scan_f32(&t, |v| v.iter().any(|x| *x < 0.0))?
         {
             bail!(
                 "{}: `{key}` holds a negative second moment: the file is corrupt",
