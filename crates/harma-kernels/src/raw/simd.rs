@@ -54,32 +54,49 @@ macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident, $at:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
-            $at(SimdLevel::best(), $($arg),*)
+            // SAFETY: `best` is a level this CPU has.
+            unsafe { $at::run(SimdLevel::best(), $($arg),*) }
         }
 
         /// As the function without `_at`, compiled for `level`, which this CPU must have.
         #[allow(dead_code)]
         pub(crate) fn $at(level: SimdLevel, $($arg: $ty),*) {
             assert!(level.available(), "this CPU cannot run {}", level.name());
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    $inner($($arg),*)
+            // SAFETY: checked just above.
+            unsafe { $at::run(level, $($arg),*) }
+        }
+
+        #[allow(non_snake_case)]
+        mod $at {
+            use super::*;
+
+            /// `$inner` compiled for `level`.
+            ///
+            /// # Safety
+            /// The CPU must have `level` ([`SimdLevel::available`]).
+            #[inline(always)]
+            pub(super) unsafe fn run(level: SimdLevel, $($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    fn avx512($($arg: $ty),*) {
+                        $inner($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) {
+                        $inner($($arg),*)
+                    }
+                    match level {
+                        // SAFETY: the caller guarantees the CPU has the level.
+                        SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                        // SAFETY: as above.
+                        SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                        SimdLevel::Baseline => {}
+                    }
                 }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    $inner($($arg),*)
-                }
-                match level {
-                    // SAFETY: the CPU supports the enabled features (asserted above).
-                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above.
-                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
-                    SimdLevel::Baseline => {}
-                }
+                let _ = level;
+                $inner($($arg),*)
             }
-            $inner($($arg),*)
         }
     };
 }
