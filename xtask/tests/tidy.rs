@@ -116,17 +116,26 @@ fn tests_in(path: &Path, text: &str) -> Vec<TestFn> {
     out
 }
 
-fn all_tests() -> Vec<TestFn> {
+/// Every Rust source of the workspace (crates/ and xtask/) with its text, by path.
+fn sources() -> Vec<(PathBuf, String)> {
     let mut files = vec![];
     rust_files(&root().join("crates"), &mut files);
     rust_files(&root().join("xtask"), &mut files);
     files.sort();
-    let mut tests = vec![];
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
-        tests.extend(tests_in(&f, &text));
-    }
-    tests
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            (f, text)
+        })
+        .collect()
+}
+
+fn all_tests() -> Vec<TestFn> {
+    sources()
+        .iter()
+        .flat_map(|(f, text)| tests_in(f, text))
+        .collect()
 }
 
 /// The rows of README's "Results" table: (check, the tests it names).
@@ -206,14 +215,7 @@ fn every_result_in_the_readme_names_a_test_that_exists() {
 /// cannot cite a test that was renamed or removed.
 #[test]
 fn every_test_the_docs_cite_exists() {
-    let mut code = String::new();
-    let mut files = vec![];
-    rust_files(&root().join("crates"), &mut files);
-    rust_files(&root().join("xtask"), &mut files);
-    for f in files {
-        code.push_str(&std::fs::read_to_string(f).unwrap());
-        code.push('\n');
-    }
+    let code: String = sources().into_iter().map(|(_, text)| text + "\n").collect();
     let mut docs = vec![root().join("README.md")];
     for e in std::fs::read_dir(root().join("docs")).unwrap().flatten() {
         if e.path().extension().is_some_and(|x| x == "md") {
