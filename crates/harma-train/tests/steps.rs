@@ -21,6 +21,15 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
 }
 
+/// The bits of every element of `t`: equal bits, equal values (and the same NaNs).
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
 /// The tiny model with trainable adapters and the fixture's training batch.
 struct Setup {
     cfg: ClipConfig,
@@ -215,13 +224,6 @@ fn both_towers_run_the_requested_kernels_on_any_thread() -> Result<()> {
     let acfg = AdapterConfig::default();
     let (adapters, vars) =
         HarmaAdapters::trainable(s.ckpt.extras.clone(), &s.cfg, &acfg, &generic)?;
-    let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect())
-    };
     let here = bits(&model.encode_text(&s.ids, Some(&adapters))?)?;
     let elsewhere = std::thread::scope(|sc| {
         sc.spawn(|| model.encode_text(&s.ids, Some(&adapters)))
@@ -394,18 +396,6 @@ fn bf16_gradients_follow_the_original() -> Result<()> {
 /// the same gradient for every trainable tensor, bit for bit. Returns the kept-activation
 /// gradients.
 fn backward_strategies_agree(s: &Setup) -> Result<Vec<Tensor>> {
-    let bits = |ts: &[Tensor]| -> Result<Vec<u32>> {
-        let mut out = vec![];
-        for t in ts {
-            out.extend(
-                t.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits()),
-            );
-        }
-        Ok(out)
-    };
     let graph = s.loss()?;
     let want = s.grads_of(&graph.total.backward()?, "whole graph");
     let l0 = graph.total.to_scalar::<f32>()?;
@@ -416,7 +406,10 @@ fn backward_strategies_agree(s: &Setup) -> Result<Vec<Tensor>> {
         assert_eq!(l0.to_bits(), l1.to_bits(), "loss {l0} vs {l1}");
         let got = s.grads_of(&grads, &format!("recompute {recompute}"));
         assert_eq!(got.len(), s.vars.len());
-        let (g, w) = (bits(&got)?, bits(&want)?);
+        let all_bits = |ts: &[Tensor]| -> Result<Vec<u32>> {
+            Ok(ts.iter().map(bits).collect::<Result<Vec<_>>>()?.concat())
+        };
+        let (g, w) = (all_bits(&got)?, all_bits(&want)?);
         let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
         eprintln!(
             "recompute {recompute} vs the whole graph: {differ} of {} gradient values differ \
