@@ -129,14 +129,32 @@ pub fn formula_tensor(key: &str, shape: &[usize]) -> Vec<f32> {
     }
 }
 
-/// Every backbone tensor of `cfg` by the parity formula ([`formula_tensor`]).
-pub fn formula_backbone(cfg: &ClipConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// Every tensor of `shapes` (name -> shape) by the parity formula ([`formula_tensor`]).
+pub fn formula_tensors(
+    shapes: impl IntoIterator<Item = (String, Vec<usize>)>,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut map = HashMap::new();
-    for (name, shape) in expected_shapes(cfg) {
+    for (name, shape) in shapes {
         let values = formula_tensor(&name, &shape);
         map.insert(name, Tensor::from_vec(values, shape, device)?);
     }
     Ok(map)
+}
+
+/// Every backbone tensor of `cfg` by the parity formula ([`formula_tensor`]).
+pub fn formula_backbone(cfg: &ClipConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+    formula_tensors(expected_shapes(cfg), device)
+}
+
+/// The parity formula's `n` images of `size` x `size` (the fixture script's `pixels`): `4 u`
+/// of the key `input.pixels`, about the spread of normalised pixels.
+pub fn formula_pixels(n: usize, size: usize, device: &Device) -> Result<Tensor> {
+    let values = formula_unit("input.pixels", n * 3 * size * size)
+        .into_iter()
+        .map(|u| (4.0 * u) as f32)
+        .collect();
+    Ok(Tensor::from_vec(values, (n, 3, size, size), device)?)
 }
 
 /// The shape of every backbone tensor that `cfg` expects, under open_clip's names.

@@ -324,7 +324,7 @@ fn full_size_vit_b32_matches_open_clip() -> Result<()> {
         checked += 1;
     }
     assert_eq!(checked, 6);
-    let pixels = full_size_pixels()?;
+    let pixels = checkpoint::formula_pixels(3, 224, &Device::Cpu)?;
     let flat = pixels.flatten_all()?.to_vec1::<f32>()?;
     for (i, theirs) in [0, 1, 150527, 451583]
         .into_iter()
@@ -343,13 +343,4 @@ fn full_size_vit_b32_matches_open_clip() -> Result<()> {
     eprintln!("ViT-B/32 full size: image max abs err {ei:.2e}, text {et:.2e}");
     assert!(ei <= 1e-6 && et <= 1e-6, "image err {ei}, text err {et}");
     Ok(())
-}
-
-/// The fixture script's 3 images [3, 3, 224, 224]: `4 u` of the formula's key `input.pixels`.
-fn full_size_pixels() -> Result<Tensor> {
-    let values = checkpoint::formula_unit("input.pixels", 3 * 3 * 224 * 224)
-        .into_iter()
-        .map(|u| (4.0 * u) as f32)
-        .collect();
-    Ok(Tensor::from_vec(values, (3, 3, 224, 224), &Device::Cpu)?)
 }

@@ -4,14 +4,13 @@
 //! make_full_size.py (step.safetensors), which commits the loss terms, `temp`'s gradient and a
 //! sketch of every other gradient (the gradients themselves are 5.9M values).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use harma_adapters::{AdapterConfig, HarmaAdapters};
-use harma_clip::checkpoint::{formula_backbone, formula_tensor, formula_unit};
+use harma_clip::checkpoint::{formula_backbone, formula_pixels, formula_tensors, formula_unit};
 use harma_clip::{Clip, ClipConfig, Compute};
 use harma_loss::LossConfig;
 
@@ -36,23 +35,14 @@ fn full_size_step_follows_the_original() -> Result<()> {
     let acfg = AdapterConfig::default();
     let vb = VarBuilder::from_tensors(formula_backbone(&cfg, &dev)?, DType::F32, &dev);
     let model = Clip::new(vb, &cfg, &compute)?;
-    let mut tensors = HashMap::new();
-    for (key, shape) in harma_adapters::expected_shapes(&cfg, &acfg) {
-        let t = Tensor::from_vec(formula_tensor(&key, &shape), shape, &dev)?;
-        tensors.insert(key, t);
-    }
+    let tensors = formula_tensors(harma_adapters::expected_shapes(&cfg, &acfg), &dev)?;
     let (adapters, vars) = HarmaAdapters::trainable(tensors, &cfg, &acfg, &compute)?;
     assert_eq!(vars.len(), 349);
 
     let want = candle_core::safetensors::load(fixtures().join("step.safetensors"), &dev)?;
     let inputs = candle_core::safetensors::load(fixtures().join("embeddings.safetensors"), &dev)?;
-    // the script's images (`4 u` of `input.pixels`), as the batch [0, 0, 1, 2]
-    let n = 3 * 224 * 224;
-    let values = formula_unit("input.pixels", 3 * n)
-        .into_iter()
-        .map(|u| (4.0 * u) as f32)
-        .collect();
-    let images = Tensor::from_vec(values, (3, 3, 224, 224), &dev)?;
+    // the script's images, as the batch [0, 0, 1, 2]
+    let images = formula_pixels(3, 224, &dev)?;
     let pixels = images.index_select(&Tensor::new(&[0u32, 0, 1, 2], &dev)?, 0)?;
     let ids = inputs["ids"].to_dtype(DType::U32)?;
     let image_ids: Vec<i64> = want["image_ids"].to_vec1()?;
