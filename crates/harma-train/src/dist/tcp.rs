@@ -72,7 +72,6 @@ pub fn random_bytes() -> [u8; 16] {
     for (i, chunk) in out.chunks_mut(8).enumerate() {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_usize(i);
-        h.write_u128(Instant::now().elapsed().as_nanos());
         chunk.copy_from_slice(&h.finish().to_le_bytes());
     }
     out
