@@ -16,7 +16,7 @@ fn gflops(m: usize, k: usize, n: usize, f: &dyn Fn()) -> f64 {
 }
 
 fn main() {
-    harma_kernels::runtime::start_up();
+    harma_train::cli::start_up();
     let rows = 1600;
     let values = |n: usize| {
         (0..n)

@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Compute, Kernels, Precision};
-use harma_train::device::ComputeArgs;
+use harma_kernels::compute::ComputeSettings;
+use harma_train::flags::Flags;
 
 use crate::workloads::{
     caption_ids, child_json, median, peak_rss_gb, random_model, rate, run_python,
@@ -47,7 +48,7 @@ pub struct StepArgs {
     #[arg(long)]
     recompute: bool,
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Flags<ComputeSettings>,
     #[arg(long, default_value_t = 32)]
     batch: usize,
     #[arg(long, default_value_t = 3)]
@@ -235,19 +236,19 @@ fn eval_rsitmd_sized(model: &Clip, batch: usize) -> Result<serde_json::Value> {
     };
     write_dataset(&dir, sizes, 1)?;
     let images = dir.join("images");
-    let set = harma_train::eval::load_split(&dir.join("test.json"), &images, false)?;
+    let set = harma_model::eval::load_split(&dir.join("test.json"), &images, false)?;
     let tok = ClipTokenizer::new(model.config.text.context_length)?;
     let t = Instant::now();
-    let encoder = harma_train::encode::Encoder {
+    let encoder = harma_model::encode::Encoder {
         model,
         hook: None,
         batch,
     };
-    let opts = harma_train::eval::EvalOptions {
+    let opts = harma_model::eval::EvalOptions {
         image_root: &images,
         progress: false,
     };
-    let (_, timings) = harma_train::eval::evaluate_split(&encoder, &tok, &set, &opts)?;
+    let (_, timings) = harma_model::eval::evaluate_split(&encoder, &tok, &set, &opts)?;
     let total = t.elapsed().as_secs_f64();
     std::fs::remove_dir_all(&dir).ok();
     let mut j = serde_json::to_value(&timings)?;

@@ -18,13 +18,14 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use harma_clip::{ClipConfig, ClipTokenizer};
 use harma_data::rng::Rng;
+use harma_kernels::compute::ComputeSettings;
 use harma_kernels::raw::gemm::gemm_acc;
+use harma_model::encode::Encoder;
 use harma_search::exact;
 use harma_search::store::Vectors;
-use harma_train::device::ComputeArgs;
-use harma_train::encode::Encoder;
+use harma_train::flags::Flags;
 use harma_train::index::BuildArgs;
-use harma_train::model::{BackboneArgs, ModelArgs};
+use harma_train::model::ModelArgs;
 
 use crate::workloads::median;
 
@@ -97,8 +98,8 @@ pub fn run(args: &Args) -> Result<()> {
         )?;
         let net = ModelArgs {
             model: model_path.clone(),
-            backbone: BackboneArgs::default(),
-            compute: ComputeArgs::default(),
+            backbone: Flags::default(),
+            compute: Flags::<ComputeSettings>::default(),
         };
         if args.images > 0 {
             out.insert("build".into(), build_vs_embed(args, &net, &work)?);

@@ -24,7 +24,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use harma_adapters::{AdapterConfig, HarmaAdapters};
 use harma_clip::{Clip, ClipConfig, Compute, Kernels, Precision};
-use harma_train::device::{ComputeArgs, DeviceArg};
+use harma_kernels::compute::{ComputeSettings, DeviceSpec};
+use harma_train::flags::Flags;
 
 use crate::workloads::{
     caption_ids, child_json, model_from, random_model, random_weights, rate, run_python,
@@ -32,8 +33,10 @@ use crate::workloads::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    device: DeviceArg,
+    /// Where to measure: auto (a CUDA GPU when this build has CUDA and one is visible), cpu,
+    /// cuda or cuda:N
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: DeviceSpec,
     /// Model size: vit-b32 (the real one) or tiny (2 small blocks, for testing this command)
     #[arg(long, default_value = "vit-b32")]
     model: String,
@@ -58,7 +61,7 @@ pub struct Args {
 #[derive(Debug, clap::Args)]
 pub struct StepArgs {
     #[command(flatten)]
-    compute: ComputeArgs,
+    compute: Flags<ComputeSettings>,
     #[arg(long, default_value = "vit-b32")]
     model: String,
     #[arg(long)]
@@ -184,7 +187,7 @@ fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
     let image_err = max_abs(&(&got.image - &want.image)?)?;
     let text_err = max_abs(&(&got.text - &want.text)?)?;
     let loss_err = (got.loss - want.loss).abs();
-    let grads = harma_train::step::GradAgreement::measure(
+    let grads = harma_trainer::step::GradAgreement::measure(
         got.grads
             .iter()
             .zip(&want.grads)
@@ -329,7 +332,7 @@ fn step_in_child(
     let j = child_json(&[
         "gpu-step".into(),
         "--device".into(),
-        args.device.spec.to_string(),
+        args.device.to_string(),
         "--model".into(),
         args.model.clone(),
         "--batch".into(),
@@ -352,7 +355,7 @@ fn step_in_child(
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let device = args.device.spec.device()?;
+    let device = args.device.device()?;
     let cfg = model_config(&args.model)?;
     let dev_name = Compute::new(device.clone(), Precision::F32).describe();
     println!("harma-rs gpu-check on {dev_name}, model {}", args.model);

@@ -74,11 +74,11 @@ pub(crate) fn run_json(
 
 /// Write JSON through a temporary file, so that a reader never sees half of it.
 pub(crate) fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
-    harma_train::output::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
+    harma_checkpoint::write::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 fn main() {
-    harma_kernels::runtime::start_up();
+    harma_train::cli::start_up();
     let cli = Cli::parse();
     // xtask runs from anywhere in the workspace; paths are relative to its root. A binary
     // carried to another machine (gpu-check) runs from the checkout it is started in.

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use harma_train::config::{Dataset, TrainArgs, TrainConfig};
-use harma_train::record::MetricsLog;
-use harma_train::report::{Comparison, Ours, Published};
+use harma_report::record::MetricsLog;
+use harma_report::{Comparison, Ours, Published};
+use harma_trainer::config::{Dataset, TrainArgs, TrainConfig};
 
 use crate::fetch;
 
@@ -112,7 +112,7 @@ impl Backbone {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The dataset (fetched into --data-dir as docs/DATA.md lays out)
-    #[arg(long, value_enum, default_value_t = Dataset::Rsitmd)]
+    #[arg(long, default_value = "rsitmd", value_parser = harma_train::flags::choice::<Dataset>())]
     dataset: Dataset,
     /// The CLIP to start from
     #[arg(long, value_enum, default_value_t = Backbone::GeorsclipRet2)]
@@ -208,7 +208,7 @@ fn parse_set(kv: &str) -> Result<(String, toml::Value)> {
         .split_once('=')
         .with_context(|| format!("--set {kv}: expected KEY=VALUE, as `batch_size=214`"))?;
     let k = k.trim().replace('-', "_");
-    if !harma_train::config::setting_names().contains(&k) {
+    if !harma_trainer::config::setting_names().contains(&k) {
         bail!(
             "--set {kv}: `{k}` is not a setting of `harma train` (its config keys are its flag \
              names with `_` for `-`; see `harma train --help`)"
@@ -346,7 +346,7 @@ fn folder(args: &Args, key: &str) -> Result<PathBuf> {
         "{}-{}-{}{}",
         args.dataset.name(),
         args.backbone.name(),
-        harma_train::report::info::utc_date(),
+        harma_report::info::utc_date(),
         if args.quick { "-quick" } else { "" }
     );
     let mut p = root.join(&base);
@@ -514,7 +514,7 @@ fn train(
         );
         return Ok(());
     }
-    let resume = harma_train::resume::resume_path(out).exists();
+    let resume = harma_trainer::resume::resume_path(out).exists();
     if !resume && out.join("log.jsonl").exists() {
         // stopped before its first checkpoint: nothing to continue from
         eprintln!("the earlier attempt stopped before its first checkpoint: starting again");
@@ -539,7 +539,7 @@ fn train(
     let cfg = TrainConfig::resolve(&train_args)?;
     let mut control = harma_train::train::interruptible()?;
     control.stop_after = args.stop_after;
-    harma_train::train::train(&cfg, resume, &control)?;
+    harma_trainer::train::train(&cfg, resume, &control)?;
     Ok(())
 }
 
@@ -609,7 +609,7 @@ pub fn run(args: &Args) -> Result<()> {
     comparison.write(&out)?;
     let flags = recipe.into_iter().map(|(k, v, _)| (k, v)).collect();
     train(args, &out, flags, &sets)?;
-    let page = harma_train::report::write_report(&out)?;
+    let page = harma_report::write_report(&out)?;
     print_outcome(args, &out, &comparison, &page);
     Ok(())
 }

@@ -35,7 +35,7 @@ pub fn write_random_model(
     let weights =
         harma_clip::checkpoint::random_backbone(cfg, init, &mut || rng.uniform(), &Device::Cpu)?;
     let named: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    harma_train::output::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
+    harma_checkpoint::write::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
 }
 
 /// A model from open_clip-named weights (moved to `compute.device` if elsewhere).
@@ -151,11 +151,11 @@ pub fn train_pairs_per_s(
         harma_adapters::init_tensors(&model.config, &acfg, &mut || rng.uniform(), &compute.device)?;
     let (adapters, vars) = HarmaAdapters::trainable(tensors, &model.config, &acfg, compute)?;
     let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let mut opt = harma_train::optim::AdamW::new(vars, Default::default())?;
+    let mut opt = harma_trainer::optim::AdamW::new(vars, Default::default())?;
     let b = pixels.dim(0)?;
     let image_ids: Vec<i64> = (0..b as i64).collect();
     rate(b, iters, || {
-        let (_, grads) = harma_train::step::loss_and_grads(
+        let (_, grads) = harma_trainer::step::loss_and_grads(
             model,
             &adapters,
             &params,

@@ -32,17 +32,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Which blocks get a BiShareAdapter inside their MMadapter.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sharing {
     /// The released code: text blocks only (released checkpoints use it)
@@ -53,6 +43,12 @@ pub enum Sharing {
     /// No mini-adapters
     None,
 }
+
+harma_settings::choices!(Sharing {
+    "text": "The released code: text blocks only (released checkpoints use it)",
+    "both": "The paper's figure: text block i and image block i share one mini-adapter",
+    "none": "No mini-adapters",
+});
 
 /// The key of the trained temperature of the contrastive loss (the original's).
 pub const TEMP_KEY: &str = "temp";

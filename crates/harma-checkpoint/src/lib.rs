@@ -13,6 +13,7 @@
 pub mod format;
 pub mod hf;
 pub mod pickle;
+pub mod write;
 
 use std::collections::HashMap;
 use std::path::Path;

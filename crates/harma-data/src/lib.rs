@@ -9,6 +9,7 @@ pub mod augment;
 pub mod batcher;
 pub mod caption;
 pub mod image;
+pub mod pipeline;
 pub mod raster;
 pub mod rng;
 pub mod sampler;

@@ -6,20 +6,12 @@
 //! by the layer's own settings, never by a thread-local or a process-wide flag, so it is the
 //! same on every thread (both towers of a training step run side by side).
 
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 /// The precision of the frozen backbone's linear layers (`--precision`).
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -73,13 +65,16 @@ pub enum Kernels {
 /// The CPU kernel that multiplies bf16 operands. Every one computes the same exact products
 /// of bf16-rounded operands and sums them in f32; only the order of the f32 additions
 /// differs, so results agree to f32 rounding whichever CPU ran them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Bf16Kernel {
+    #[serde(rename = "amx")]
     /// Intel AMX tiles (`TDPBF16PS`): Xeon 4th generation and later
     Amx,
     /// AVX512-BF16 (`VDPBF16PS`): AMD Zen 4 and later, Intel Cooper Lake and later
+    #[serde(rename = "avx512bf16")]
     Avx512,
     /// The f32 GEMM on bf16-rounded operands: every CPU, at f32 speed
+    #[serde(rename = "f32")]
     F32,
 }
 
@@ -109,27 +104,17 @@ impl Bf16Kernel {
         }
     }
 
-    /// The fastest kernel this machine has, or the one `HARMA_BF16_KERNEL` names
-    /// (`amx`, `avx512bf16`, `f32`: for tests and A/B measurements; it must be available);
-    /// `HARMA_AMX=0` turns AMX off. Read once, where a [`Compute`] is made at start-up.
-    pub fn detect() -> Self {
-        if let Ok(name) = std::env::var("HARMA_BF16_KERNEL") {
-            match Self::from_name(&name) {
-                Some(k) if k.available() => return k,
-                Some(k) => eprintln!(
-                    "warning: HARMA_BF16_KERNEL={name}: this CPU has no {k} kernel; choosing \
-                     the fastest it has"
-                ),
-                None => eprintln!(
-                    "warning: HARMA_BF16_KERNEL={name}: expected amx, avx512bf16 or f32; \
-                     choosing the fastest kernel this CPU has"
-                ),
-            }
-        }
-        let amx_allowed = std::env::var("HARMA_AMX").map_or(true, |v| v != "0");
-        Self::ALL
-            .into_iter()
-            .find(|k| (*k != Bf16Kernel::Amx || amx_allowed) && k.available())
+    /// The fastest kernel this machine has.
+    pub fn fastest() -> Self {
+        Self::fastest_of(&Self::ALL)
+    }
+
+    /// The fastest of `kernels` this machine has (f32 if none).
+    pub fn fastest_of(kernels: &[Bf16Kernel]) -> Self {
+        kernels
+            .iter()
+            .copied()
+            .find(|k| k.available())
             .unwrap_or(Bf16Kernel::F32)
     }
 }
@@ -152,7 +137,8 @@ pub struct Compute {
 
 impl Compute {
     /// The setting for `device` and `precision` on this machine: the fused kernels on the CPU,
-    /// the backend's ops elsewhere, the fastest bf16 kernel the CPU has.
+    /// the backend's ops elsewhere, the fastest bf16 kernel the CPU has. Reads nothing but the
+    /// CPU's features: a kernel asked for by name is [`ComputeSettings::bf16_kernel`].
     pub fn new(device: Device, precision: Precision) -> Self {
         let kernels = if device.is_cpu() {
             Kernels::Fused
@@ -163,7 +149,7 @@ impl Compute {
             device,
             precision,
             kernels,
-            bf16: Bf16Kernel::detect(),
+            bf16: Bf16Kernel::fastest(),
         }
     }
 
@@ -204,6 +190,150 @@ impl Compute {
     }
 }
 
+/// Where to compute, as the user names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum DeviceSpec {
+    /// A CUDA GPU when this binary has CUDA and one is visible, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => DeviceSpec::Auto,
+            "cpu" => DeviceSpec::Cpu,
+            "cuda" => DeviceSpec::Cuda(0),
+            s => match s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => DeviceSpec::Cuda(n),
+                None => bail!("--device {s}: expected auto, cpu, cuda or cuda:N"),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> Self {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl DeviceSpec {
+    /// The device, or an error that says what to do.
+    pub fn device(self) -> Result<Device> {
+        let ordinal = match self {
+            DeviceSpec::Cpu => return Ok(Device::Cpu),
+            // a CUDA build on a machine without a usable GPU falls back to the CPU
+            DeviceSpec::Auto if candle_core::utils::cuda_is_available() => {
+                return Ok(Device::new_cuda(0).unwrap_or_else(|e| {
+                    eprintln!("no usable CUDA GPU ({}); using the CPU", first_line(&e));
+                    Device::Cpu
+                }));
+            }
+            DeviceSpec::Auto => return Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => n,
+        };
+        Device::new_cuda(ordinal).map_err(|e| {
+            let advice = if candle_core::utils::cuda_is_available() {
+                "is the GPU visible (nvidia-smi) and the CUDA runtime on LD_LIBRARY_PATH?"
+            } else {
+                "this binary was built without CUDA: build it with `--features cuda` \
+                 (docs/CUDA.md), or use --device cpu"
+            };
+            anyhow::anyhow!("--device {self}: {}; {advice}", first_line(&e))
+        })
+    }
+}
+
+/// An error's first line (a driver error carries a backtrace after it).
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+harma_settings::choices!(Precision {
+    "f32": "f32 everywhere",
+    "bf16": "bf16 operands with f32 sums in every linear layer, the backbone's and the adapters' \
+             (as PyTorch's autocast runs `nn.Linear`); layer norms, softmax, attention's \
+             products, the adapters' weights and gradients and the optimiser stay f32",
+});
+
+harma_settings::choices!(Bf16Kernel {
+    "amx": "Intel AMX tiles: Xeon 4th generation and later",
+    "avx512bf16": "AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake and later",
+    "f32": "the f32 GEMM on bf16-rounded operands: every CPU, at f32 speed",
+});
+
+impl harma_settings::SettingValue for DeviceSpec {
+    fn parse(s: &str) -> Result<toml::Value, String> {
+        harma_settings::parse_with::<DeviceSpec>(s)
+    }
+}
+
+harma_settings::settings! {
+    /// `--device`, `--precision` and `--bf16-kernel`: where and how a command computes, shared
+    /// by every command that embeds or trains (and xtask's).
+    pub struct ComputeSettings {
+        /// Where to compute: auto (a CUDA GPU when this binary has CUDA and one is visible,
+        /// else the CPU), cpu, cuda or cuda:N
+        #[setting(value_name("DEVICE"))]
+        pub device: DeviceSpec = DeviceSpec::Auto,
+        /// The linear layers' products: f32, or bf16 (mixed precision: bf16 operands, f32
+        /// sums, in the backbone's linear layers and on the CPU the adapters' too; layer norms,
+        /// attention, the adapters' weights and gradients and the optimiser stay f32). bf16 runs
+        /// on GPU tensor cores, and on CPUs with Intel AMX or AVX512-BF16 (AMD Zen 4 and later,
+        /// Intel Cooper Lake and later); other CPUs compute the same products at f32 speed
+        pub precision: Precision = Precision::F32,
+        /// The CPU kernel of bf16 products [default: the fastest this CPU has] (for tests and
+        /// A/B measurements; also read from HARMA_BF16_KERNEL, and HARMA_AMX=0 leaves AMX out)
+        #[setting(value_name("KERNEL"), env("HARMA_BF16_KERNEL"))]
+        pub bf16_kernel: Option<Bf16Kernel> = None,
+    }
+}
+
+impl ComputeSettings {
+    /// The compute setting these settings ask for on this machine (chosen once, here). A
+    /// bf16 kernel this CPU lacks is a warning, and the fastest it has is used.
+    pub fn compute(&self) -> anyhow::Result<Compute> {
+        let mut compute = Compute::new(self.device.device()?, self.precision);
+        match self.bf16_kernel {
+            Some(k) if k.available() => compute = compute.with_bf16_kernel(k),
+            Some(k) => eprintln!(
+                "warning: --bf16-kernel {k}: this CPU has no {k} kernel; choosing the fastest \
+                 it has ({})",
+                compute.bf16
+            ),
+            None => {}
+        }
+        Ok(compute)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,13 +343,9 @@ mod tests {
         let c = Compute::cpu();
         assert_eq!((c.kernels, c.precision), (Kernels::Fused, Precision::F32));
         assert!(c.bf16.available());
-        // the first available kernel in speed order, unless turned off or forced
+        // the first available kernel in speed order, whatever the environment says
         let first = Bf16Kernel::ALL.into_iter().find(|k| k.available()).unwrap();
-        let overridden = std::env::var_os("HARMA_BF16_KERNEL").is_some()
-            || std::env::var("HARMA_AMX").as_deref() == Ok("0");
-        if !overridden {
-            assert_eq!(c.bf16, first);
-        }
+        assert_eq!(c.bf16, first);
         for k in Bf16Kernel::ALL {
             assert_eq!(Bf16Kernel::from_name(k.name()), Some(k));
         }
@@ -229,5 +355,42 @@ mod tests {
             Kernels::Generic
         );
         assert!(c.describe().starts_with("cpu ("), "{}", c.describe());
+    }
+
+    #[test]
+    fn device_specs() {
+        let parse = |s: &str| s.parse::<DeviceSpec>().and_then(|d| d.device());
+        assert!(parse("cpu").unwrap().is_cpu());
+        if !candle_core::utils::cuda_is_available() {
+            assert!(parse("auto").unwrap().is_cpu());
+            let e = parse("cuda:1").unwrap_err().to_string();
+            assert!(
+                e.contains("built without CUDA") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
+        let e = parse("gpu").unwrap_err().to_string();
+        assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+        assert!(parse("cuda:x").is_err());
+        for s in ["auto", "cpu", "cuda:0", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
+        }
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+    }
+
+    #[test]
+    fn compute_settings_name_their_choices_and_pick_an_available_kernel() {
+        harma_settings::check_choices::<Precision>().unwrap();
+        harma_settings::check_choices::<Bf16Kernel>().unwrap();
+        for k in Bf16Kernel::ALL {
+            let s = ComputeSettings {
+                device: DeviceSpec::Cpu,
+                bf16_kernel: Some(k),
+                ..Default::default()
+            };
+            let c = s.compute().unwrap();
+            assert_eq!(c.bf16 == k, k.available(), "{k}");
+            assert!(c.bf16.available());
+        }
     }
 }

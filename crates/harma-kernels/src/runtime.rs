@@ -1,6 +1,7 @@
 //! The process-wide settings the kernels run best under: memory that stays with the process
 //! between ops, and Candle's element-wise ops on the calling thread (rayon's threads run the
-//! heavy kernels). Both binaries (`harma`, `xtask`) call [`start_up`] first in `main`.
+//! heavy kernels). Both binaries (`harma`, `xtask`) apply them first in `main`, through
+//! `harma_train::cli::start_up` (which also reads the environment: a library here reads none).
 
 /// mimalloc's `mi_option_purge_delay` (the index in mimalloc 3's `mi_option_e`).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -21,26 +22,17 @@ pub fn purge_delay() -> i64 {
     unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) as i64 }
 }
 
-/// The process-wide settings both binaries (`harma`, `xtask`) start with: call first in `main`,
-/// before any Candle op and any thread, in a program whose global allocator is mimalloc.
-pub fn start_up() {
-    keep_freed_memory();
-    candle_ops_on_caller();
-}
-
-/// Run Candle's element-wise CPU ops on the calling thread, unless `CANDLE_NUM_THREADS` says
-/// otherwise (any value, even one Candle ignores, is the user's). Candle 0.11 runs them on a
-/// pool of its own beside rayon's, whose threads spin for a while after each op: on a 2-core
+/// The variable Candle sizes its element-wise pool by, read once when it first builds it.
+/// The binaries set it to [`CANDLE_THREADS_DEFAULT`] at start-up unless the user set it (any
+/// value, even one Candle ignores, is the user's): Candle 0.11 runs element-wise CPU ops on a
+/// pool of its own beside rayon's, whose threads spin for a while after each op; on a 2-core
 /// machine they take the cores from our rayon kernels (and the two towers of a training step,
 /// which run side by side, queue on the pool's lock). With the pool off, training steps ran
-/// 1.29x (bf16) and 1.19x (f32) faster, image embedding 1.05x (docs/BENCHMARKS.md). Call at
-/// the start of `main`, before any Candle op and any thread.
-pub fn candle_ops_on_caller() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // read once, when Candle first builds its pool; no other thread exists yet
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
+/// 1.29x (bf16) and 1.19x (f32) faster, image embedding 1.05x (docs/BENCHMARKS.md).
+pub const CANDLE_THREADS_VAR: &str = "CANDLE_NUM_THREADS";
+
+/// Every element-wise op on the calling thread.
+pub const CANDLE_THREADS_DEFAULT: &str = "1";
 
 /// The worker threads Candle's element-wise pool gets under `CANDLE_NUM_THREADS = setting`,
 /// by Candle 0.11's rule: a positive number n gives n - 1 workers beside the caller, anything

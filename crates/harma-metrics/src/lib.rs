@@ -130,6 +130,22 @@ pub fn evaluate(scores: &[f32], n_img: usize, txt2img: &[usize]) -> Result<Retri
     })
 }
 
+/// Where the time of an evaluation went, in seconds. Decoding runs on its own thread while the
+/// model embeds, so `decode` and `embed_images` overlap within `images`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Timings {
+    /// decoding, resizing and normalising the images (producer thread, busy time)
+    pub decode: f64,
+    /// the image tower (busy time)
+    pub embed_images: f64,
+    /// wall time of the image side (decode and embedding overlapped)
+    pub images: f64,
+    /// tokenizing and embedding the captions
+    pub captions: f64,
+    /// the score matrix and the metrics
+    pub metrics: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,10 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// The format written in `meta.format`.
+/// Whether this build aborts where a test asks it to (`Writer::crash_after`,
+/// `Writer::open_crashing`): the `fault-injection` feature, which only tests turn on.
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
 pub const FORMAT: &str = "harma-index 1";
 const DB: &str = "index.sqlite";
 /// The steps of creating an index that a test can crash after ([`Writer::open_crashing`]).
@@ -383,7 +387,7 @@ impl Writer {
         Writer::open_crashing(dir, settings, same, None)
     }
 
-    /// [`Writer::open`]; testing only: when it creates the index, `crash_after` (1 to
+    /// [`Writer::open`]; testing only (the `fault-injection` feature): when it creates the index, `crash_after` (1 to
     /// [`CREATE_STEPS`]) aborts the process after that step (a `kill -9` at that instant).
     pub fn open_crashing(
         dir: &Path,
@@ -392,7 +396,7 @@ impl Writer {
         crash_after: Option<usize>,
     ) -> Result<Writer> {
         let crash = |step: usize| {
-            if crash_after == Some(step) {
+            if FAULT_INJECTION && crash_after == Some(step) {
                 eprintln!("crash_after: aborting after step {step} of creating the index");
                 std::process::abort();
             }
@@ -601,7 +605,7 @@ impl Writer {
             .and_then(|_| self.vectors.write_all(&bytes))
             .and_then(|_| self.vectors.sync_data())
             .map_err(|e| Error::io(&path, e))?;
-        if let Some(n) = self.crash_after.as_mut() {
+        if let Some(n) = self.crash_after.as_mut().filter(|_| FAULT_INJECTION) {
             if *n == 0 {
                 eprintln!("crash_after: aborting between writing vectors and committing them");
                 std::process::abort();

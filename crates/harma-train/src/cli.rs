@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{config, demo, embed, eval, index, report, search, train};
+use harma_trainer::config;
+
+use crate::{demo, embed, eval, index, report, search, train};
 
 /// harma: HarMA remote-sensing image-text retrieval (CLIP ViT-B/32 + adapters) on Candle.
 #[derive(Debug, Parser)]
@@ -46,7 +48,7 @@ pub enum Command {
     /// epoch, best-by-val and test at the end; a smaller batch for a CPU:
     ///
     /// harma train --dataset rsitmd --batch-size 32
-    Train(Box<config::TrainArgs>),
+    Train(Box<train::TrainFlags>),
     /// Evaluate image-text retrieval on a split: R@1/5/10 both ways and mR, as HarMA reports.
     ///
     /// Without adapters it is the zero-shot baseline of the checkpoint.
@@ -91,10 +93,31 @@ pub enum Command {
     Serve(Box<search::ServeArgs>),
 }
 
+/// What both binaries (`harma`, `xtask`) do first in `main`, before any Candle op and any
+/// thread, in a program whose global allocator is mimalloc: freed memory kept for reuse,
+/// Candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` is set, and
+/// `HARMA_AMX=0` read as `HARMA_BF16_KERNEL` naming the fastest kernel but AMX. The one place
+/// that reads the environment into settings (`--bf16-kernel` reads `HARMA_BF16_KERNEL`).
+pub fn start_up() {
+    use harma_kernels::compute::Bf16Kernel;
+    use harma_kernels::runtime::{CANDLE_THREADS_DEFAULT, CANDLE_THREADS_VAR};
+    harma_kernels::runtime::keep_freed_memory();
+    // no other thread exists yet: setting variables is sound here, and read by what follows
+    if std::env::var_os(CANDLE_THREADS_VAR).is_none() {
+        std::env::set_var(CANDLE_THREADS_VAR, CANDLE_THREADS_DEFAULT);
+    }
+    if std::env::var("HARMA_AMX").as_deref() == Ok("0")
+        && std::env::var_os("HARMA_BF16_KERNEL").is_none()
+    {
+        let k = Bf16Kernel::fastest_of(&[Bf16Kernel::Avx512, Bf16Kernel::F32]);
+        std::env::set_var("HARMA_BF16_KERNEL", k.name());
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Embed(args)) => embed::run(&args),
-        Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Train(args)) => train::run(&args.0),
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Demo(args)) => demo::run(&args),
         Some(Command::Report(args)) => report::run(&args),
@@ -122,13 +145,13 @@ fn default_run() -> anyhow::Result<()> {
         eprintln!("RSITMD found under data/: training with the original's settings (`harma --help` lists the commands)");
         let out = preset.run.out.clone().unwrap_or_default();
         // continue an interrupted default run instead of refusing its folder
-        let args = if crate::resume::resume_path(&out).exists() {
+        let args = if harma_trainer::resume::resume_path(&out).exists() {
             config::TrainArgs {
                 resume: Some(out),
                 ..config::TrainArgs::default()
             }
         } else {
-            config::TrainArgs::from_flags(&["--dataset", "rsitmd"])?
+            train::from_flags(&["--dataset", "rsitmd"])?
         };
         return train::run(&args);
     }

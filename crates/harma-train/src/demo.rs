@@ -11,10 +11,12 @@ use harma_data::rng::Rng;
 use harma_data::synth::{write_dataset, SynthSizes};
 use harma_metrics::RetrievalMetrics;
 
-use crate::config::{AugmentKind, TrainConfig};
-use crate::device::DeviceArg;
-use crate::record::MetricsLog;
-use crate::train::{train, Control};
+use harma_kernels::compute::ComputeSettings;
+use harma_report::MetricsLog;
+use harma_trainer::config::{AugmentKind, TrainConfig};
+use harma_trainer::train::{train, Control};
+
+use crate::flags::Flags;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -30,12 +32,12 @@ pub struct Args {
     #[arg(long, default_value_t = 3407)]
     pub seed: u64,
     #[command(flatten)]
-    pub device: DeviceArg,
+    pub compute: Flags<ComputeSettings>,
 }
 
 impl Default for Args {
     fn default() -> Self {
-        crate::config::clap_defaults()
+        crate::flags::defaults()
     }
 }
 
@@ -102,7 +104,7 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
     let cfg = demo_config();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let arch = out.join("clip.json");
-    crate::output::write_atomic(&arch, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    harma_checkpoint::write::write_atomic(&arch, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let sizes = SynthSizes {
         train: args.images,
         val: args.images.div_ceil(5),
@@ -121,7 +123,7 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
 
     // a small CLIP with random weights stands in for a pretrained one (none can be downloaded
     // here); it is frozen as HarMA freezes its backbone
-    let compute = Compute::new(args.device.spec.device()?, harma_clip::Precision::F32);
+    let compute = Compute::new(args.compute.device.device()?, harma_clip::Precision::F32);
     let mut rng = Rng::derive(args.seed, &[7]);
     let weights = harma_clip::checkpoint::random_backbone(
         &cfg,
@@ -132,7 +134,11 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
     let model_path = out.join("model.safetensors");
     let named: Vec<(&str, &candle_core::Tensor)> =
         weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::output::write_safetensors(&model_path, &named, std::iter::empty::<(String, String)>())?;
+    harma_checkpoint::write::write_safetensors(
+        &model_path,
+        &named,
+        std::iter::empty::<(String, String)>(),
+    )?;
 
     let mut train_cfg = TrainConfig::default();
     train_cfg.data.train_json = Some(data.join("train.json"));
@@ -149,7 +155,7 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
     train_cfg.run.augment = AugmentKind::None;
     train_cfg.run.seed = args.seed;
     train_cfg.run.out = Some(out.join("run"));
-    train_cfg.compute.device = args.device.clone();
+    train_cfg.compute = args.compute.value.clone();
     let train_cfg = train_cfg.finish()?;
     train(&train_cfg, false, &Control::default())?;
     let text = std::fs::read_to_string(train_cfg.out().join("metrics.json"))?;

@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use harma_clip::ClipTokenizer;
 
-use crate::encode::{list_images, progress, read_captions, Encoder};
 use crate::model::ModelArgs;
+use harma_model::encode::{list_images, progress, read_captions, Encoder};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -122,7 +122,7 @@ pub fn run(args: &Args) -> Result<()> {
         tensors.push(("text_embeds", t));
     }
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    crate::output::write_safetensors(&args.out, &refs, meta)?;
+    harma_checkpoint::write::write_safetensors(&args.out, &refs, meta)?;
     let shapes: Vec<String> = tensors
         .iter()
         .map(|(n, t)| format!("{n} {:?}", t.dims()))

@@ -14,8 +14,10 @@ use harma_data::RgbImage;
 use harma_search::store::{FileId, FileUpdate, NewTile, Pending, Settings};
 use harma_search::{Index, Writer};
 
-use crate::encode::{progress, IMAGE_EXTENSIONS};
-use crate::model::{Loaded, ModelArgs};
+use harma_model::encode::{progress, IMAGE_EXTENSIONS};
+use harma_model::Loaded;
+
+use crate::model::ModelArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct IndexArgs {
@@ -302,14 +304,16 @@ pub fn build(args: &BuildArgs, stop: &Arc<AtomicBool>, handle_ctrlc: bool) -> Re
     settings.tile = tile;
     settings.stride = stride;
     settings.bands = args.bands.as_ref().map(|b| b.to_string());
-    // testing only: a crash (abort) after a step of creating the index
-    let crash_creating = std::env::var("HARMA_INDEX_CRASH_CREATING")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    // tests only (a build with harma-search's `fault-injection`): a crash (abort) after a step
+    // of creating the index, or after N batches
+    let crash_point = |var: &str| {
+        harma_search::store::FAULT_INJECTION
+            .then(|| std::env::var(var).ok()?.parse().ok())
+            .flatten()
+    };
+    let crash_creating = crash_point("HARMA_INDEX_CRASH_CREATING");
     let mut writer = Writer::open_crashing(&args.out, &settings, same_build, crash_creating)?;
-    writer.crash_after = std::env::var("HARMA_INDEX_CRASH_AFTER")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    writer.crash_after = crash_point("HARMA_INDEX_CRASH_AFTER");
     let (pending, sync) = writer.sync_files(&found)?;
     eprintln!(
         "{} images under {}: {} new, {} changed, {} unfinished, {} unchanged; {} gone",

@@ -10,7 +10,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    harma_kernels::runtime::start_up();
+    harma_train::cli::start_up();
     let cli = harma_train::cli::Cli::parse();
     if let Err(e) = harma_train::cli::run(cli) {
         eprintln!("error: {e:#}");

@@ -16,10 +16,13 @@ use harma_search::serve::{self, App};
 use harma_search::store::FileId;
 use harma_search::Index;
 
-use crate::device::ComputeArgs;
-use crate::encode::Encoder;
+use harma_kernels::compute::ComputeSettings;
+use harma_model::encode::Encoder;
+use harma_model::{BackboneSettings, Loaded};
+
+use crate::flags::Flags;
 use crate::index::{model_mismatch, model_settings};
-use crate::model::{BackboneArgs, Loaded, ModelArgs};
+use crate::model::ModelArgs;
 
 /// The model flags of `search` and `serve`: all optional, the index names its model.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,7 +38,7 @@ pub struct QueryModelArgs {
     #[arg(long)]
     pub arch: Option<String>,
     #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub compute: Flags<ComputeSettings>,
 }
 
 /// Load the model an index was built with (or the one the flags name, if it is the same).
@@ -53,7 +56,7 @@ pub fn load_for(index: &Index, flags: &QueryModelArgs) -> Result<Loaded> {
         "none" => Sharing::None,
         _ => Sharing::Text,
     };
-    let backbone = BackboneArgs {
+    let backbone = BackboneSettings {
         arch: flags.arch.clone().unwrap_or_else(|| s.arch.clone()),
         adapters: flags
             .adapters
@@ -63,7 +66,7 @@ pub fn load_for(index: &Index, flags: &QueryModelArgs) -> Result<Loaded> {
     };
     let net = ModelArgs {
         model,
-        backbone,
+        backbone: backbone.into(),
         compute: flags.compute.clone(),
     };
     // identify the files before loading (a cheap refusal), reusing the recorded hashes of

@@ -14,9 +14,11 @@ fn the_demo_learns_far_beyond_chance_and_zero_shot() -> Result<()> {
         steps: 160,
         images: 200,
         seed: 3407,
-        device: harma_train::device::DeviceArg {
-            spec: harma_train::device::DeviceSpec::Cpu,
-        },
+        compute: harma_kernels::compute::ComputeSettings {
+            device: harma_kernels::compute::DeviceSpec::Cpu,
+            ..Default::default()
+        }
+        .into(),
     };
     let r = demo(&args)?;
     let chance = chance(40, 5).r_mean;

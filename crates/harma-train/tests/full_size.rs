@@ -60,7 +60,7 @@ fn full_size_step_follows_the_original() -> Result<()> {
 
     // the step: loss terms and gradients
     let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let (terms, grads) = harma_train::step::loss_and_grads(
+    let (terms, grads) = harma_trainer::step::loss_and_grads(
         &model,
         &adapters,
         &params,

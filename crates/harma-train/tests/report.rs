@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Result;
-use harma_train::config::{TrainArgs, TrainConfig};
-use harma_train::train::{train, Control};
+use harma_trainer::config::TrainConfig;
+use harma_trainer::train::{train, Control};
 use sha2::Digest;
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -77,7 +77,7 @@ fn run(dir: &Path, model: &Path, name: &str, extra: &[&str]) -> Result<TrainConf
     }
     flags.push(dir.join(name).display().to_string());
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let cfg = TrainConfig::resolve(&TrainArgs::from_flags(&flags)?)?;
+    let cfg = TrainConfig::resolve(&harma_train::train::from_flags(&flags)?)?;
     train(&cfg, false, &Control::default())?;
     Ok(cfg)
 }

@@ -55,8 +55,12 @@ fn write_model(path: &Path, seed: u64) {
     )
     .unwrap();
     let named: Vec<(&str, &candle_core::Tensor)> = w.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    harma_train::output::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
-        .unwrap();
+    harma_checkpoint::write::write_safetensors(
+        path,
+        &named,
+        std::iter::empty::<(String, String)>(),
+    )
+    .unwrap();
 }
 
 /// An RGB scene (pixel values from a seed) as a PNG.

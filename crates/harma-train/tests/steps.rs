@@ -12,10 +12,10 @@ use harma_adapters::{is_adapter_key, AdapterConfig, HarmaAdapters};
 use harma_clip::{Checkpoint, Clip, ClipConfig, Compute, Kernels, Precision};
 use harma_data::batcher::Batch;
 use harma_loss::{harma_loss, LossConfig, LossTerms};
-use harma_train::optim::{AdamW, AdamWConfig};
-use harma_train::schedule::Schedule;
-use harma_train::step::GradAgreement;
-use harma_train::trainer::{NonFiniteLoss, Trainer, TrainerSettings};
+use harma_trainer::optim::{AdamW, AdamWConfig};
+use harma_trainer::schedule::Schedule;
+use harma_trainer::step::GradAgreement;
+use harma_trainer::trainer::{NonFiniteLoss, Trainer, TrainerSettings};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
@@ -72,7 +72,7 @@ impl Setup {
         })
     }
 
-    /// `harma_train::step::loss_and_grads` on the batch: the backward from kept activations,
+    /// `harma_trainer::step::loss_and_grads` on the batch: the backward from kept activations,
     /// or with `recompute` one block at a time.
     fn step(&self, recompute: bool) -> Result<(LossTerms, GradStore)> {
         let params: Vec<Tensor> = self
@@ -80,7 +80,7 @@ impl Setup {
             .iter()
             .map(|(_, v)| v.as_tensor().clone())
             .collect();
-        harma_train::step::loss_and_grads(
+        harma_trainer::step::loss_and_grads(
             &self.model,
             &self.adapters,
             &params,
@@ -238,7 +238,7 @@ fn both_towers_run_the_requested_kernels_on_any_thread() -> Result<()> {
     let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
     let (terms, _) = pool.install(|| {
-        harma_train::step::loss_and_grads(
+        harma_trainer::step::loss_and_grads(
             &model,
             &adapters,
             &params,
@@ -268,7 +268,7 @@ fn both_towers_run_the_requested_kernels_on_any_thread() -> Result<()> {
 /// the kept activations, recomputed blocks, and Candle's whole-graph backward (generic ops).
 #[test]
 fn sharded_steps_give_one_process_gradients() -> Result<()> {
-    use harma_train::dist::{Collective, ThreadGroup};
+    use harma_dist::{Collective, ThreadGroup};
     let s = Setup::new()?;
     let params: Vec<Tensor> = s.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
     for (how, generic, recompute) in [
@@ -288,7 +288,7 @@ fn sharded_steps_give_one_process_gradients() -> Result<()> {
                 HarmaAdapters::trainable(s.ckpt.extras.clone(), &s.cfg, &acfg, &compute)?;
             params = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         }
-        let one = harma_train::step::loss_and_grads(
+        let one = harma_trainer::step::loss_and_grads(
             &model,
             &adapters,
             &params,
@@ -313,7 +313,7 @@ fn sharded_steps_give_one_process_gradients() -> Result<()> {
                         let s = &s;
                         sc.spawn(move || -> Result<(f32, Vec<Tensor>)> {
                             let r = rank.rank();
-                            let (terms, grads) = harma_train::step::loss_and_grads_on(
+                            let (terms, grads) = harma_trainer::step::loss_and_grads_on(
                                 model,
                                 adapters,
                                 params,
@@ -473,7 +473,7 @@ fn trained_adapters_round_trip_through_a_checkpoint() -> Result<()> {
 
     let out = std::env::temp_dir().join(format!("harma-rt-{}", std::process::id()));
     let path = out.join("adapters.safetensors");
-    harma_train::optim::save_trained(&path, &s.vars)?;
+    harma_trainer::optim::save_trained(&path, &s.vars)?;
     // the original's names: `model.` + open_clip key, and `temp`
     let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
     assert_eq!(saved.len(), 59);
@@ -522,7 +522,7 @@ fn trained(s: &Setup) -> Result<()> {
 fn write_trained_fixture() -> Result<()> {
     let s = Setup::new()?;
     trained(&s)?;
-    harma_train::optim::save_trained(&own_fixtures().join("trained.safetensors"), &s.vars)
+    harma_trainer::optim::save_trained(&own_fixtures().join("trained.safetensors"), &s.vars)
 }
 
 #[test]
@@ -551,7 +551,7 @@ fn the_original_loads_what_we_train() -> Result<()> {
     // what save_trained writes today has exactly the names the original trains under
     let out = std::env::temp_dir().join(format!("harma-names-{}", std::process::id()));
     let s0 = Setup::new()?;
-    harma_train::optim::save_trained(&out.join("adapters.safetensors"), &s0.vars)?;
+    harma_trainer::optim::save_trained(&out.join("adapters.safetensors"), &s0.vars)?;
     let mut saved: Vec<String> =
         candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?
             .into_keys()
@@ -618,7 +618,7 @@ type Trained = (Vec<f64>, HashMap<String, Tensor>);
 /// before each step and after the last, and the trained tensors (every rank's the same:
 /// rank 0's are returned, the others' checked equal).
 fn train_three_steps(s: &Setup, lr: f64, emulate_ddp: usize, world: usize) -> Result<Trained> {
-    use harma_train::dist::{Collective, ThreadGroup};
+    use harma_dist::{Collective, ThreadGroup};
     let settings = constant_lr(lr, emulate_ddp);
     let acfg = AdapterConfig::default();
     let b = s.image_ids.len() / world;

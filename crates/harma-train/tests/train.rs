@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use harma_train::config::{TrainArgs, TrainConfig};
-use harma_train::train::{train, Control, Outcome};
+use harma_trainer::config::TrainConfig;
+use harma_trainer::train::{train, Control, Outcome};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../harma-adapters/tests/fixtures")
@@ -132,7 +132,7 @@ impl Flags {
 
     /// The settings, as `harma train` with these flags resolves them.
     fn resolve(&self) -> Result<TrainConfig> {
-        TrainConfig::resolve(&TrainArgs::from_flags(&self.argv())?)
+        TrainConfig::resolve(&harma_train::train::from_flags(&self.argv())?)
     }
 }
 
@@ -177,7 +177,7 @@ fn train_command(a: &Flags) -> std::process::Command {
 fn resumed(dir: &Path, flags: &[&str]) -> Result<TrainConfig> {
     let mut argv = vec!["--resume", dir.to_str().unwrap()];
     argv.extend_from_slice(flags);
-    TrainConfig::resolve(&TrainArgs::from_flags(&argv)?)
+    TrainConfig::resolve(&harma_train::train::from_flags(&argv)?)
 }
 
 fn log(dir: &Path) -> Vec<serde_json::Value> {
@@ -705,14 +705,14 @@ fn on_ranks(
     resume: bool,
     control: &Control,
 ) -> Vec<Result<Outcome>> {
-    use harma_train::dist::ThreadGroup;
+    use harma_dist::ThreadGroup;
     let ranks = ThreadGroup::new(world);
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
             .map(|r| {
                 s.spawn(move || {
-                    harma_train::train::train_on(cfg, resume, control, std::sync::Arc::new(r))
+                    harma_trainer::train::train_on(cfg, resume, control, std::sync::Arc::new(r))
                 })
             })
             .collect();

@@ -212,7 +212,10 @@ impl Examples {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::output::write_atomic(&Self::path(dir), serde_json::to_string(self)?.as_bytes())
+        harma_checkpoint::write::write_atomic(
+            &Self::path(dir),
+            serde_json::to_string(self)?.as_bytes(),
+        )
     }
 
     /// The examples recorded in `dir`, if any.

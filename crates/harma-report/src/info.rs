@@ -150,7 +150,7 @@ impl RunInfo {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::output::write_atomic(
+        harma_checkpoint::write::write_atomic(
             &Self::path(dir),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
@@ -178,8 +178,9 @@ impl RunInfo {
     }
 }
 
-/// A new session on this machine, starting at `step`.
-pub fn session(compute: &harma_clip::Compute, step: usize) -> Session {
+/// A new session on this machine, starting at `step`, computing on `device` (as
+/// `Compute::describe` says it) in `precision`.
+pub fn session(device: String, precision: String, step: usize) -> Session {
     let (version, commit) = version();
     Session {
         started: utc_now(),
@@ -188,8 +189,8 @@ pub fn session(compute: &harma_clip::Compute, step: usize) -> Session {
         cpu: cpu_model().unwrap_or_else(|| "unknown".to_string()),
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         threads: rayon::current_num_threads(),
-        device: compute.describe(),
-        precision: compute.precision.to_string(),
+        device,
+        precision,
         from_step: step,
         to_step: step,
         peak_memory: peak_memory(),

@@ -13,6 +13,8 @@
 //! [`ThreadGroup`] (N ranks on threads of one process: the test double that proves the maths
 //! without GPUs). [`launch`] starts the processes of a run and brings them down together.
 
+#![forbid(unsafe_code)]
+
 pub mod launch;
 #[cfg(feature = "cuda")]
 mod nccl;
@@ -26,6 +28,7 @@ pub use threads::{ThreadGroup, ThreadRank};
 
 use anyhow::Result;
 use candle_core::Tensor;
+use harma_kernels::compute::DeviceSpec;
 
 /// The collective operations of a data-parallel step. Every rank calls each operation in the
 /// same order with tensors of the same shape and dtype; a rank that fails makes the others'
@@ -76,32 +79,36 @@ impl Collective for Single {
 /// How long ranks wait for each other to meet.
 const RENDEZVOUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// The collective of this process's `role`: NCCL where its device is a GPU (each rank on GPU
-/// `LOCAL_RANK`: `cfg`'s device is set to it), else the ranks exchange through rank 0 over
-/// TCP (CPU ranks).
-pub fn connect(
-    role: &launch::Role,
-    cfg: &mut crate::config::TrainConfig,
-) -> Result<std::sync::Arc<dyn Collective>> {
-    use crate::device::DeviceSpec;
-    let spec = &mut cfg.compute.device.spec;
-    let on_gpu = match spec {
+/// What [`connect`] decided: the collective, and the device this rank computes on.
+pub struct Connected {
+    pub collective: std::sync::Arc<dyn Collective>,
+    /// GPU `LOCAL_RANK` for a rank on GPUs, else the device asked for.
+    pub device: DeviceSpec,
+}
+
+/// The collective of this process's `role` on `device`: NCCL where the device is a GPU (each
+/// rank on GPU `LOCAL_RANK`), else the ranks exchange through rank 0 over TCP (CPU ranks).
+pub fn connect(role: &launch::Role, device: DeviceSpec) -> Result<Connected> {
+    let on_gpu = match device {
         DeviceSpec::Cpu => false,
         DeviceSpec::Cuda(_) => true,
         DeviceSpec::Auto => candle_core::utils::cuda_is_available(),
     };
     if on_gpu {
-        *spec = DeviceSpec::Cuda(role.local_rank);
+        let device = DeviceSpec::Cuda(role.local_rank);
         #[cfg(feature = "cuda")]
         {
-            let device = cfg.compute.compute()?.device;
-            let nccl = Nccl::connect(role, &device)?;
-            check(&nccl, &device)?;
-            return Ok(std::sync::Arc::new(nccl));
+            let gpu = device.device()?;
+            let nccl = Nccl::connect(role, &gpu)?;
+            check(&nccl, &gpu)?;
+            return Ok(Connected {
+                collective: std::sync::Arc::new(nccl),
+                device,
+            });
         }
         #[cfg(not(feature = "cuda"))]
         anyhow::bail!(
-            "rank {}: training on GPUs across processes needs NCCL: build with --features \
+            "rank {}: training on {device} across processes needs NCCL: build with --features \
              cuda (docs/CUDA.md), or train CPU ranks with --device cpu",
             role.rank
         );
@@ -122,7 +129,10 @@ pub fn connect(
     }
     let tcp = Tcp::new(rdv, role.timeout)?;
     check(&tcp, &candle_core::Device::Cpu)?;
-    Ok(std::sync::Arc::new(tcp))
+    Ok(Connected {
+        collective: std::sync::Arc::new(tcp),
+        device,
+    })
 }
 
 /// A first exchange, before any work: every rank gathers the ranks and sums ones, on

@@ -7,7 +7,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use harma_metrics::RetrievalMetrics;
 
-use crate::trainer::StepReport;
+/// What one step did, for the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepReport {
+    /// Steps done after this one (1-based).
+    pub step: usize,
+    pub lr: f64,
+    pub loss: f64,
+    pub loss_contrastive: f64,
+    pub loss_triplet: f64,
+    /// The temperature the step's loss used.
+    pub temp: f64,
+    /// The global gradient norm before clipping (with `max_grad_norm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+}
 
 /// One evaluation of the val split during training.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -87,7 +101,7 @@ impl MetricsLog {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::output::write_atomic(
+        harma_checkpoint::write::write_atomic(
             &Self::path(dir),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
@@ -140,6 +154,6 @@ impl StepLog {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        crate::output::write_atomic(&path, kept.as_bytes())
+        harma_checkpoint::write::write_atomic(&path, kept.as_bytes())
     }
 }

@@ -10,8 +10,7 @@ use super::examples::Examples;
 use super::page::{Block, Card, Page, Table};
 use super::plot::{self, Level, Mark, Panel, Style, YFormat, PALETTE};
 use super::{info, shown, Comparison, EvalRecord, Folder, Ours};
-use crate::record::MetricsLog;
-use crate::trainer::StepReport;
+use crate::record::{MetricsLog, StepReport};
 
 fn f2(x: f64) -> String {
     format!("{x:.2}")

@@ -9,9 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 /// Which AdamW update.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AdamWVariant {
     /// transformers 4.x AdamW, as the original trains
@@ -19,6 +17,11 @@ pub enum AdamWVariant {
     /// torch.optim.AdamW
     Torch,
 }
+
+harma_settings::choices!(AdamWVariant {
+    "transformers": "transformers 4.x AdamW, as the original trains",
+    "torch": "torch.optim.AdamW",
+});
 
 #[derive(Debug, Clone)]
 pub struct AdamWConfig {
@@ -75,7 +78,7 @@ pub fn save_trained_with(
         })
         .collect();
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::output::write_safetensors(path, &refs, metadata)
+    harma_checkpoint::write::write_safetensors(path, &refs, metadata)
 }
 
 /// The optimiser over named trainable tensors.

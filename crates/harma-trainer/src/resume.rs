@@ -16,15 +16,11 @@ const RESUME_FORMAT: &str = "harma-rs-resume-1";
 
 /// The header metadata of the adapter files a run writes.
 pub fn checkpoint_meta(step: usize, cfg: &TrainConfig) -> HashMap<String, String> {
-    use clap::ValueEnum;
-    let sharing = cfg.model.backbone.sharing.to_possible_value();
+    let sharing = harma_settings::name(&cfg.model.backbone.sharing);
     HashMap::from([
         ("step".to_string(), step.to_string()),
         ("arch".to_string(), cfg.model.backbone.arch.clone()),
-        (
-            "sharing".to_string(),
-            sharing.map_or(String::new(), |v| v.get_name().to_string()),
-        ),
+        ("sharing".to_string(), sharing.unwrap_or_default()),
     ])
 }
 
@@ -68,7 +64,7 @@ pub fn save(
     meta.insert("n_pairs".into(), n_pairs.to_string());
     meta.insert("adamw_step".into(), trainer.optimizer().step.to_string());
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::output::write_safetensors(&resume_path(dir), &refs, meta)
+    harma_checkpoint::write::write_safetensors(&resume_path(dir), &refs, meta)
 }
 
 /// Write the trained tensors as `best.safetensors`, chosen by val at `step`.

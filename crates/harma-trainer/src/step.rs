@@ -15,7 +15,7 @@ use harma_adapters::HarmaAdapters;
 use harma_clip::{Clip, Tower};
 use harma_loss::{harma_loss, LossConfig, LossTerms};
 
-use crate::dist::{Collective, Single};
+use harma_dist::{Collective, Single};
 
 /// The loss terms and the gradients of `params` (the adapters' variables and `temp`).
 pub fn loss_and_grads(

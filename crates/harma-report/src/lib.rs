@@ -11,11 +11,14 @@
 //! `reproduce.json` ([`Comparison`]: the published numbers `cargo xtask reproduce` compares
 //! with).
 
+#![forbid(unsafe_code)]
+
 mod content;
 pub mod examples;
 pub mod info;
 mod page;
 mod plot;
+pub mod record;
 mod recorder;
 
 use std::path::{Component, Path, PathBuf};
@@ -26,12 +29,11 @@ use serde::{Deserialize, Serialize};
 
 pub use examples::Examples;
 pub use info::RunInfo;
-pub use recorder::{Phase, Recorder};
+pub use recorder::{Phase, Recorder, RunStart};
 
-use crate::record::MetricsLog;
-use crate::trainer::StepReport;
 use info::FileHash;
 use page::Page;
+pub use record::{MetricsLog, StepReport};
 
 /// One line of `log.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,7 +88,7 @@ impl Comparison {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::output::write_atomic(
+        harma_checkpoint::write::write_atomic(
             &Self::path(dir),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
@@ -102,7 +104,7 @@ pub struct EvalRecord {
     pub adapters: Option<PathBuf>,
     pub images: usize,
     pub captions: usize,
-    pub seconds: crate::eval::Timings,
+    pub seconds: harma_metrics::Timings,
 }
 
 impl EvalRecord {
@@ -266,11 +268,14 @@ fn shown(p: &Path, base: &Path) -> String {
 /// Write `page` as `<stem>.html` and `<stem>.md` (and its figures) into `dir`.
 fn write_page(page: &Page, dir: &Path, stem: &str) -> Result<PathBuf> {
     for (file, svg) in page.figures() {
-        crate::output::write_atomic(&dir.join(file), svg.as_bytes())?;
+        harma_checkpoint::write::write_atomic(&dir.join(file), svg.as_bytes())?;
     }
-    crate::output::write_atomic(&dir.join(format!("{stem}.md")), page.markdown().as_bytes())?;
+    harma_checkpoint::write::write_atomic(
+        &dir.join(format!("{stem}.md")),
+        page.markdown().as_bytes(),
+    )?;
     let html = dir.join(format!("{stem}.html"));
-    crate::output::write_atomic(&html, page.html().as_bytes())?;
+    harma_checkpoint::write::write_atomic(&html, page.html().as_bytes())?;
     Ok(html)
 }
 
@@ -301,33 +306,6 @@ pub fn write_compare(dirs: &[PathBuf], out: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     write_page(&content::compare_page(&folders, out)?, out, "compare")
-}
-
-/// `harma report`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// The folder of a `harma train` run (or of `harma eval --report`)
-    #[arg(value_name = "RUN_DIR")]
-    pub run: PathBuf,
-    /// Other runs to set beside it: one page with the curves overlaid, the results side by
-    /// side and the settings that differ (compare.html, compare.md)
-    #[arg(long, value_name = "RUN_DIR")]
-    pub compare: Vec<PathBuf>,
-    /// Where the comparison page goes [default: RUN_DIR]
-    #[arg(long, value_name = "DIR", requires = "compare")]
-    pub out: Option<PathBuf>,
-}
-
-pub fn run(args: &Args) -> Result<()> {
-    let written = if args.compare.is_empty() {
-        write_report(&args.run)?
-    } else {
-        let mut dirs = vec![args.run.clone()];
-        dirs.extend(args.compare.iter().cloned());
-        write_compare(&dirs, args.out.as_deref().unwrap_or(&args.run))?
-    };
-    println!("{}", written.display());
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,23 @@ pub struct Recorder {
     lap: Lap,
 }
 
+/// What a session of a training run starts with.
+pub struct RunStart {
+    /// The run's folder.
+    pub dir: std::path::PathBuf,
+    /// The annotation files (train first), hashed.
+    pub data: Vec<info::DataFile>,
+    /// The checkpoint the run starts from.
+    pub init: std::path::PathBuf,
+    /// Where the starting adapters come from (a file, `fresh`, or the checkpoint).
+    pub start_adapters: Option<String>,
+    /// The compute setting, as `Compute::describe` says it, and the precision.
+    pub device: String,
+    pub precision: String,
+    /// Steps done before this session.
+    pub step: usize,
+}
+
 /// The phases a [`Recorder`] times.
 #[derive(Debug, Clone, Copy)]
 pub enum Phase {
@@ -26,52 +43,22 @@ pub enum Phase {
 }
 
 impl Recorder {
-    /// A session of the run in `cfg.out()` starting after `step` (0: a new run; the earlier
-    /// sessions of a resumed run are read back); `since` is when the process started loading.
-    pub fn start(
-        cfg: &crate::config::TrainConfig,
-        data: &crate::train::TrainData,
-        compute: &harma_clip::Compute,
-        step: usize,
-        fresh_adapters: bool,
-        since: std::time::Instant,
-    ) -> Result<Self> {
-        let dir = cfg.out();
-        let mut info = if step > 0 {
-            RunInfo::read(dir)?.unwrap_or_default()
+    /// A session of the run in `start.dir` starting after `start.step` (0: a new run; the
+    /// earlier sessions of a resumed run are read back); `since` is when the process started
+    /// loading.
+    pub fn start(start: RunStart, since: std::time::Instant) -> Result<Self> {
+        let mut info = if start.step > 0 {
+            RunInfo::read(&start.dir)?.unwrap_or_default()
         } else {
             RunInfo::default()
         };
         info.kind = "train".into();
-        let mut files = vec![info::DataFile {
-            split: "train".into(),
-            file: FileHash::of(cfg.train_json())?,
-            images: data.images(),
-            captions: data.pairs.captions.len(),
-        }];
-        for (split, path, set) in [
-            ("val", &cfg.data.val_json, &data.val),
-            ("test", &cfg.data.test_json, &data.test),
-        ] {
-            if let (Some(p), Some(s)) = (path, set) {
-                files.push(info::DataFile {
-                    split: split.into(),
-                    file: FileHash::of(p)?,
-                    images: s.images.len(),
-                    captions: s.captions.len(),
-                });
-            }
+        info.data = start.data;
+        info.init = Some(FileHash::of(&start.init)?);
+        if start.step == 0 {
+            info.start_adapters = start.start_adapters;
         }
-        info.data = files;
-        info.init = Some(FileHash::of(cfg.init())?);
-        if step == 0 {
-            info.start_adapters = Some(match &cfg.model.backbone.adapters {
-                Some(p) => p.display().to_string(),
-                None if fresh_adapters => "fresh".into(),
-                None => cfg.init().display().to_string(),
-            });
-        }
-        let mut session = info::session(compute, step);
+        let mut session = info::session(start.device, start.precision, start.step);
         session.phases.load = since.elapsed().as_secs_f64();
         info.sessions.push(session);
         Ok(Self {

@@ -13,9 +13,10 @@ use harma_clip::Clip;
 use harma_data::batcher::Batch;
 use harma_loss::LossConfig;
 
-use crate::dist::{Collective, Single};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
+use harma_dist::{Collective, Single};
+pub use harma_report::StepReport;
 
 /// How the trainer steps.
 #[derive(Debug, Clone)]
@@ -32,22 +33,6 @@ pub struct TrainerSettings {
     /// Take the update of the original's DDP over this many GPUs: every trained tensor's
     /// gradient divided by it but `temp`'s (1: the global batch's gradient as it is).
     pub emulate_ddp: usize,
-}
-
-/// What one step did, for the log.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepReport {
-    /// Steps done after this one (1-based).
-    pub step: usize,
-    pub lr: f64,
-    pub loss: f64,
-    pub loss_contrastive: f64,
-    pub loss_triplet: f64,
-    /// The temperature the step's loss used.
-    pub temp: f64,
-    /// The global gradient norm before clipping (with `max_grad_norm`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grad_norm: Option<f64>,
 }
 
 /// A step whose loss is not finite: nothing was updated.

@@ -25,6 +25,9 @@ pub struct LaunchArgs {
     pub node_rank: usize,
     /// Rank 0's address, `host:port` (`--master`); on one machine a free local port.
     pub master: Option<String>,
+    /// The job's secret as the launcher's environment gives it ([`SECRET_VAR`]); without
+    /// one, a run on one machine makes its own.
+    pub secret: Option<String>,
 }
 
 /// The flags [`LaunchArgs`] reads, and whether each takes a value.
@@ -59,9 +62,10 @@ pub struct Role {
 pub const SECRET_VAR: &str = "HARMA_DIST_SECRET";
 
 impl Role {
-    /// The role the environment gives (`WORLD_SIZE` > 1), or `None` for a single process.
-    pub fn from_env() -> Result<Option<Role>> {
-        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    /// The role the environment gives (`WORLD_SIZE` > 1), or `None` for a single process;
+    /// `var` reads the environment (the binary passes `std::env::var`, tests a map).
+    pub fn from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Role>> {
+        let get = |k: &str| var(k).filter(|v| !v.is_empty());
         let num = |k: &str| -> Result<Option<usize>> {
             get(k)
                 .map(|v| {
@@ -166,7 +170,7 @@ pub fn launch(args: &LaunchArgs, worker_args: &[OsString]) -> Result<()> {
         .with_context(|| format!("--master {master}: expected HOST:PORT"))?;
     let world = nproc * args.nnodes;
     // the job's secret: ours to make on one machine; on several, the user's, the same on each
-    let secret = match std::env::var(SECRET_VAR).ok().filter(|v| !v.is_empty()) {
+    let secret = match args.secret.clone().filter(|v| !v.is_empty()) {
         Some(s) => s,
         None if args.nnodes == 1 => super::tcp::new_secret(),
         None => bail!(

@@ -1,5 +1,6 @@
-//! The process-wide settings of `runtime`, each in its own process (Candle builds its pool
-//! once, at the first op, from the environment of that moment; mimalloc's options are global).
+//! The process-wide settings the binaries start with (`harma_train::cli::start_up`, applying
+//! `harma_kernels::runtime`), each in its own process (Candle builds its pool once, at the
+//! first op, from the environment of that moment; mimalloc's options are global).
 
 use std::process::Command;
 
@@ -10,7 +11,7 @@ fn pool_and_memory_in_this_process() {
     let before = std::env::var("CANDLE_NUM_THREADS").ok();
     // mimalloc's default purge delay (ms, options.c), then ours
     assert_eq!(harma_kernels::runtime::purge_delay(), 1000);
-    harma_kernels::runtime::start_up();
+    harma_train::cli::start_up();
     let after = std::env::var("CANDLE_NUM_THREADS").ok();
     match &before {
         // our default: every op on the calling thread

@@ -101,7 +101,7 @@ impl Encoder<'_> {
         let mut outs = Vec::with_capacity(chunks.len());
         let decode_ns = std::sync::atomic::AtomicU64::new(0);
         let mut embed = 0.0;
-        crate::pipeline::prefetch(
+        harma_data::pipeline::prefetch(
             0..chunks.len(),
             1,
             |i| {
