@@ -18,6 +18,8 @@ VOLATILE_TEXT = [
     (re.compile(r"\d+(\.\d+)?\s*(s|ms|min|h|GB|MB|GiB|MiB|KB|pairs/s|images/s)\b"), "<measure>"),
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d)?(\.\d+)?(Z|[+-]\d\d:?\d\d| UTC)?"), "<date>"),
     (re.compile(r"[0-9a-f]{40}"), "<commit>"),
+    # the build's short commit (run pages' sessions and footers)
+    (re.compile(r"(\d+\.\d+\.\d+ \(|commit )([0-9a-f]{12}|unknown)\b"), r"\1<commit>"),
     (re.compile(r"\b\d+%"), "<share>"),
     # the training speed row of a comparison page (Markdown, and HTML cells)
     (re.compile(r"\| pairs/s \(training\) \|[^\n]*"), "| pairs/s (training) | <speed>"),

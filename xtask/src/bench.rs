@@ -243,6 +243,7 @@ fn eval_rsitmd_sized(model: &Clip, batch: usize) -> Result<serde_json::Value> {
         model,
         hook: None,
         batch,
+        limits: Default::default(),
     };
     let opts = harma_model::eval::EvalOptions {
         image_root: &images,
@@ -508,6 +509,79 @@ fn embed_table(
     }
 }
 
+/// FLOPs per item of the image tower, the text tower at 77 tokens, and the text tower cut at
+/// `cut_len` tokens.
+fn tower_flops(cfg: &ClipConfig, cut_len: usize) -> (f64, f64, f64) {
+    let v = &cfg.vision;
+    let t = &cfg.text;
+    let img = v.layers as f64 * block_flops(v.seq_len(), v.width, v.mlp_dim)
+        + 2.0 * (v.seq_len() - 1) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
+    let txt = t.layers as f64 * block_flops(77, t.width, t.mlp_dim);
+    let cut = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
+    (img, txt, cut)
+}
+
+/// A batch of images and one of captions.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    pixels: &'a Tensor,
+    ids: &'a Tensor,
+}
+
+/// The embedding workloads: images, captions cut after their end and at full length, in f32
+/// and bf16; their FLOPs from [`tower_flops`].
+fn embed_workloads<'a>(
+    (f32_model, bf16_model): (&'a Clip, &'a Clip),
+    x: Inputs<'a>,
+    (img, txt, cut): (f64, f64, f64),
+) -> [EmbedWorkload<'a>; 5] {
+    let full: Option<&dyn BlockHook> = Some(&FullContext);
+    let w = |name, model, input, flops, torch_key| EmbedWorkload {
+        name,
+        model,
+        input,
+        flops,
+        torch_key,
+    };
+    [
+        w(
+            "images/s",
+            f32_model,
+            Input::Images(x.pixels),
+            img,
+            "images_per_s",
+        ),
+        w(
+            "captions/s (cut after EOT)",
+            f32_model,
+            Input::Captions(x.ids, None),
+            cut,
+            "captions_per_s",
+        ),
+        w(
+            "captions/s (full 77 tokens)",
+            f32_model,
+            Input::Captions(x.ids, full),
+            txt,
+            "captions_per_s",
+        ),
+        w(
+            "images/s, bf16",
+            bf16_model,
+            Input::Images(x.pixels),
+            img,
+            "images_per_s_bf16",
+        ),
+        w(
+            "captions/s (77 tokens), bf16",
+            bf16_model,
+            Input::Captions(x.ids, full),
+            txt,
+            "captions_per_s_bf16",
+        ),
+    ]
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let compute = Compute::cpu();
     let iters = if args.quick { 2 } else { 6 };
@@ -535,57 +609,16 @@ pub fn run(args: &Args) -> Result<()> {
          {rounds} rounds of {iters} timed batches (ours and PyTorch alternate; medians); {}",
         compute.clone().with_precision(Precision::Bf16).describe()
     );
-    let v = &cfg.vision;
-    let t = &cfg.text;
-    let img_flops = v.layers as f64 * block_flops(v.seq_len(), v.width, v.mlp_dim)
-        + 2.0 * (v.seq_len() - 1) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
-    let txt_flops = t.layers as f64 * block_flops(77, t.width, t.mlp_dim);
-    let cut_flops = t.layers as f64 * block_flops(cut_len, t.width, t.mlp_dim);
-    let full: Option<&dyn BlockHook> = Some(&FullContext);
-    let workload = |name, model, input, flops, torch_key| EmbedWorkload {
-        name,
-        model,
-        input,
-        flops,
-        torch_key,
+    let (img_flops, txt_flops, cut_flops) = tower_flops(&cfg, cut_len);
+    let inputs = Inputs {
+        pixels: &pixels,
+        ids: &ids,
     };
-    let workloads = [
-        workload(
-            "images/s",
-            &model,
-            Input::Images(&pixels),
-            img_flops,
-            "images_per_s",
-        ),
-        workload(
-            "captions/s (cut after EOT)",
-            &model,
-            Input::Captions(&ids, None),
-            cut_flops,
-            "captions_per_s",
-        ),
-        workload(
-            "captions/s (full 77 tokens)",
-            &model,
-            Input::Captions(&ids, full),
-            txt_flops,
-            "captions_per_s",
-        ),
-        workload(
-            "images/s, bf16",
-            &model_bf16,
-            Input::Images(&pixels),
-            img_flops,
-            "images_per_s_bf16",
-        ),
-        workload(
-            "captions/s (77 tokens), bf16",
-            &model_bf16,
-            Input::Captions(&ids, full),
-            txt_flops,
-            "captions_per_s_bf16",
-        ),
-    ];
+    let workloads = embed_workloads(
+        (&model, &model_bf16),
+        inputs,
+        (img_flops, txt_flops, cut_flops),
+    );
     let mut gemm = (vec![], vec![]);
     // PyTorch's GEMMs of the linear layers, from its last round
     let mut torch_gemm: Option<serde_json::Value> = None;

@@ -100,6 +100,7 @@ pub fn run(args: &Args) -> Result<()> {
             model: model_path.clone(),
             backbone: Flags::default(),
             compute: Flags::<ComputeSettings>::default(),
+            load: Flags::default(),
         };
         if args.images > 0 {
             out.insert("build".into(), build_vs_embed(args, &net, &work)?);
@@ -150,6 +151,7 @@ fn build_vs_embed(args: &Args, net: &ModelArgs, work: &Path) -> Result<serde_jso
         model: &loaded.model,
         hook: None,
         batch: 32,
+        limits: Default::default(),
     };
     let (mut embed_rates, mut small_rates, mut large_rates) = (Vec::new(), Vec::new(), Vec::new());
     let hidden = indicatif::ProgressBar::hidden();

@@ -12,8 +12,6 @@ use harma_report::record::MetricsLog;
 use harma_report::{Comparison, Ours, Published};
 use harma_trainer::config::{Dataset, TrainArgs, TrainConfig};
 
-use crate::fetch;
-
 /// The backbones HarMA can start from (their names are those of `fetch-data --model`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backbone {
@@ -368,7 +366,10 @@ fn finished(dir: &Path) -> bool {
 }
 
 /// The backbone's entry in the sources list.
-fn model_entry<'a>(args: &Args, sources: &'a fetch::Sources) -> Result<&'a fetch::ModelSource> {
+fn model_entry<'a>(
+    args: &Args,
+    sources: &'a harma_fetch::Sources,
+) -> Result<&'a harma_fetch::ModelSource> {
     let name = args.backbone.name();
     sources
         .models
@@ -377,14 +378,14 @@ fn model_entry<'a>(args: &Args, sources: &'a fetch::Sources) -> Result<&'a fetch
 }
 
 /// Where the backbone's weights are (or will be once fetched).
-fn model_path(args: &Args, sources: &fetch::Sources) -> Result<PathBuf> {
+fn model_path(args: &Args, sources: &harma_fetch::Sources) -> Result<PathBuf> {
     let model = model_entry(args, sources)?;
     Ok(std::path::absolute(args.data_dir.join(&model.dest))?)
 }
 
 /// Step 1: the model and the dataset in place (fetched or resumed); the model's path.
 fn fetch_inputs(args: &Args) -> Result<PathBuf> {
-    let sources = fetch::Sources::load(args.sources.as_deref())?;
+    let sources = harma_fetch::Sources::load(args.sources.as_deref())?;
     let model_name = args.backbone.name();
     let model = model_entry(args, &sources)?;
     let dataset = sources
@@ -392,11 +393,11 @@ fn fetch_inputs(args: &Args) -> Result<PathBuf> {
         .get(args.dataset.name())
         .with_context(|| format!("the sources list no dataset `{}`", args.dataset.name()))?;
     let t = std::time::Instant::now();
-    let net = fetch::Net::default();
-    fetch::fetch_model(&net, model_name, model, &args.data_dir)
+    let net = harma_fetch::Net::default().with_env(&|k| std::env::var(k).ok());
+    harma_fetch::fetch_model(&net, model_name, model, &args.data_dir)
         .with_context(|| format!("fetching {model_name}; rerun the same command to resume"))?;
-    let limits = fetch::Limits::default();
-    fetch::fetch_dataset(&net, args.dataset.name(), dataset, &args.data_dir, &limits)
+    let limits = harma_fetch::Limits::default();
+    harma_fetch::fetch_dataset(&net, args.dataset.name(), dataset, &args.data_dir, &limits)
         .with_context(|| {
             format!(
                 "fetching {}; rerun the same command to resume",
@@ -413,7 +414,7 @@ fn fetch_inputs(args: &Args) -> Result<PathBuf> {
 /// `--dry-run`: the recipe resolved as `harma train` resolves it, printed as the config.toml
 /// the run would write; nothing fetched or written.
 fn dry_run(args: &Args, out: &Path, sets: &[(String, toml::Value)]) -> Result<()> {
-    let init = model_path(args, &fetch::Sources::load(args.sources.as_deref())?)?;
+    let init = model_path(args, &harma_fetch::Sources::load(args.sources.as_deref())?)?;
     let recipe = recipe(args, sets, &init, out);
     println!(
         "# {}: the settings it would train with (a `harma train --config` file)",

@@ -32,10 +32,7 @@ pub fn write_random_model(
     rng: &mut harma_data::rng::Rng,
     path: &Path,
 ) -> Result<()> {
-    let weights =
-        harma_clip::checkpoint::random_backbone(cfg, init, &mut || rng.uniform(), &Device::Cpu)?;
-    let named: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    harma_checkpoint::write::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
+    harma_clip::checkpoint::write_random_backbone(cfg, init, &mut || rng.uniform(), path)
 }
 
 /// A model from open_clip-named weights (moved to `compute.device` if elsewhere).

@@ -358,3 +358,227 @@ fn unsafe_code_is_confined_and_explained() {
         }
     }
 }
+
+/// `text` with comments, string and character literals blanked (newlines kept), so that its
+/// braces count blocks.
+fn code_only(text: &str) -> String {
+    let b = text.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut out = Vec::with_capacity(b.len());
+    let blank = |out: &mut Vec<u8>, s: &[u8]| {
+        out.extend(s.iter().map(|&c| if c == b'\n' { b'\n' } else { b' ' }))
+    };
+    let find = |from: usize, pat: &[u8]| {
+        (from..b.len())
+            .find(|&j| b[j..].starts_with(pat))
+            .map_or(b.len(), |j| j + pat.len())
+    };
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let raw = c == b'r'
+            && (i == 0 || !ident(b[i - 1]) || (b[i - 1] == b'b' && (i < 2 || !ident(b[i - 2]))));
+        let end = if b[i..].starts_with(b"//") {
+            find(i, b"\n") - 1
+        } else if b[i..].starts_with(b"/*") {
+            find(i + 2, b"*/")
+        } else if raw
+            && b[i + 1..].iter().take_while(|&&h| h == b'#').count() + i + 1 < b.len()
+            && b[i + 1 + b[i + 1..].iter().take_while(|&&h| h == b'#').count()] == b'"'
+        {
+            let hashes = b[i + 1..].iter().take_while(|&&h| h == b'#').count();
+            let close: Vec<u8> = std::iter::once(b'"')
+                .chain(std::iter::repeat_n(b'#', hashes))
+                .collect();
+            find(i + 2 + hashes, &close)
+        } else if c == b'"' {
+            let mut j = i + 1;
+            while j < b.len() && b[j] != b'"' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            j + 1
+        } else if c == b'\'' && i + 2 < b.len() && b[i + 1] == b'\\' {
+            find(i + 2, b"'")
+        } else if c == b'\'' && i + 2 < b.len() && b[i + 2] == b'\'' {
+            i + 3
+        } else if c == b'\'' && i + 1 < b.len() && b[i + 1] >= 0x80 {
+            // a character of several bytes
+            (i + 2..(i + 6).min(b.len()))
+                .find(|&j| b[j] == b'\'')
+                .map_or(i + 1, |j| j + 1)
+        } else {
+            out.push(c);
+            i += 1;
+            continue;
+        };
+        let end = end.min(b.len());
+        blank(&mut out, &b[i..end]);
+        i = end;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every function with a body in `text`: its name, first line (1-based) and length in lines.
+fn functions(text: &str) -> Vec<(String, usize, usize)> {
+    let code = code_only(text);
+    let b = code.as_bytes();
+    let line_of = |pos: usize| code[..pos].matches('\n').count() + 1;
+    let mut out = vec![];
+    let mut at = 0;
+    while let Some(k) = code[at..].find("fn ") {
+        let start = at + k;
+        at = start + 3;
+        if start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_') {
+            continue;
+        }
+        let name: String = code[start + 3..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let Some(open) = code[start..].find(['{', ';']).map(|o| start + o) else {
+            break;
+        };
+        if b[open] == b';' || name.is_empty() {
+            continue;
+        }
+        let mut depth = 0i64;
+        let mut close = open;
+        for (j, &c) in b.iter().enumerate().skip(open) {
+            match c {
+                b'{' => depth += 1,
+                b'}' => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                close = j;
+                break;
+            }
+        }
+        out.push((name, line_of(start), line_of(close) - line_of(start) + 1));
+    }
+    out
+}
+
+/// The longest a function may be, in lines, outside [`LONG_FUNCTIONS`].
+const MAX_FUNCTION_LINES: usize = 120;
+
+/// Functions allowed to be longer, each with its reason.
+const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[(
+    "crates/harma-checkpoint/src/pickle.rs",
+    "run",
+    "the pickle interpreter's opcode match: one short arm per opcode, read top to bottom",
+)];
+
+/// No function is longer than a screenful or two (a long one is several concerns), but those
+/// allowed above with their reason; the measure sees through strings and comments.
+#[test]
+fn no_function_is_longer_than_the_limit() {
+    let sample = "fn a() {\n    let s = \"}}\";\n    let c = '{';\n    // }\n}\nfn b(x: &str) -> usize { r#\"}\"#.len() }\n";
+    assert_eq!(
+        functions(sample),
+        [("a".to_string(), 1, 5), ("b".to_string(), 6, 1)]
+    );
+    let mut long = vec![];
+    let mut allowed_seen = vec![];
+    for (path, text) in sources() {
+        let rel = path.strip_prefix(root()).unwrap().display().to_string();
+        if !rel.contains("/src/") {
+            continue;
+        }
+        for (name, line, len) in functions(&text) {
+            if len <= MAX_FUNCTION_LINES {
+                continue;
+            }
+            if LONG_FUNCTIONS
+                .iter()
+                .any(|(f, n, _)| *f == rel && *n == name)
+            {
+                allowed_seen.push(name);
+                continue;
+            }
+            long.push(format!("{rel}:{line} {name}: {len} lines"));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines (split them, or allow one in \
+         LONG_FUNCTIONS with its reason):\n{}",
+        long.join("\n")
+    );
+    // an allowance nobody needs any more is removed
+    assert_eq!(allowed_seen.len(), LONG_FUNCTIONS.len(), "{allowed_seen:?}");
+}
+
+/// The lines of `text` (up to its unit tests, which may set up their own processes) that read
+/// or change the environment, as `line: code`; comments and strings do not count.
+fn env_reads(text: &str) -> Vec<String> {
+    let code = code_only(text.split("#[cfg(test)]").next().unwrap_or_default());
+    code.lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            ["env::var", "env::set_var", "env::remove_var", "env::vars"]
+                .iter()
+                .any(|p| line.contains(p))
+        })
+        .map(|(i, line)| format!("{}: {}", i + 1, line.trim()))
+        .collect()
+}
+
+/// The environment is read at the edge: in the `harma` binary's crate (its start-up and its
+/// commands) and in xtask. Libraries take what it says as values (settings, flags), so a
+/// library call does the same whatever the process's environment.
+#[test]
+fn only_the_binary_and_xtask_read_the_environment() {
+    // (file, why it may)
+    const ALLOWED: &[(&str, &str)] = &[(
+        "crates/harma-kernels/src/testing.rs",
+        "HARMA_REQUIRE_KERNELS, read by the kernel tests' helpers (no shipped code calls them)",
+    )];
+    let sample =
+        "// env::var in a comment\nfn f() { let s = \"env::var\"; std::env::var(\"X\"); }\n\
+                  #[cfg(test)]\nmod tests { fn g() { std::env::set_var(\"Y\", \"1\"); } }\n";
+    assert_eq!(
+        env_reads(sample),
+        ["2: fn f() { let s =           ; std::env::var(   ); }"]
+    );
+    let mut found = vec![];
+    for (path, text) in sources() {
+        let rel = path.strip_prefix(root()).unwrap().display().to_string();
+        let edge = rel.starts_with("crates/harma-train/") || rel.starts_with("xtask/");
+        if edge || !rel.contains("/src/") || ALLOWED.iter().any(|(f, _)| *f == rel) {
+            continue;
+        }
+        found.extend(env_reads(&text).into_iter().map(|l| format!("{rel}:{l}")));
+    }
+    assert!(
+        found.is_empty(),
+        "a library reads the environment (read it in the binary and pass the value):\n{}",
+        found.join("\n")
+    );
+}
+
+/// Settings are plain serde structs (`harma_settings::settings!`): only the binary maps them
+/// to a command line, so no library crate depends on clap.
+#[test]
+fn only_the_binary_and_xtask_know_clap() {
+    let mut libraries = 0;
+    for e in std::fs::read_dir(root().join("crates")).unwrap().flatten() {
+        let manifest = e.path().join("Cargo.toml");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !manifest.exists() || name == "harma-train" {
+            continue;
+        }
+        libraries += 1;
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let deps: toml::Table = text.parse().unwrap();
+        for section in ["dependencies", "dev-dependencies"] {
+            let has = deps
+                .get(section)
+                .and_then(|d| d.as_table())
+                .is_some_and(|d| d.contains_key("clap"));
+            assert!(!has, "crates/{name} depends on clap ({section})");
+        }
+    }
+    assert!(libraries >= 14, "{libraries}");
+}

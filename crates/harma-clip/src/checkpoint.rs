@@ -25,6 +25,20 @@ pub enum RandomInit {
     FanIn,
 }
 
+/// A backbone of `cfg` with random weights ([`random_backbone`]: `init`, drawn from
+/// `uniform`) written to `path` as safetensors, atomically: the stand-in models of the demo,
+/// the tests and the benches (no pretrained weights can be downloaded offline).
+pub fn write_random_backbone(
+    cfg: &ClipConfig,
+    init: RandomInit,
+    uniform: &mut dyn FnMut() -> f64,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let weights = random_backbone(cfg, init, uniform, &Device::Cpu)?;
+    let named: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    harma_checkpoint::write::write_safetensors(path, &named, std::iter::empty::<(String, String)>())
+}
+
 /// Random backbone weights in open_clip's layout: normal (see [`RandomInit`]), layer norms 1
 /// and 0, biases 0. `uniform` draws from [0, 1) (a seeded source makes the model repeatable).
 pub fn random_backbone(

@@ -39,6 +39,7 @@ pub struct Batcher<'a> {
     pub context: usize,
     pub transform: TrainTransform,
     pub image_root: PathBuf,
+    pub limits: crate::LoadLimits,
 }
 
 impl Batcher<'_> {
@@ -47,7 +48,10 @@ impl Batcher<'_> {
         let pixels = items
             .par_iter()
             .map(|(i, rng)| -> Result<Vec<f32>> {
-                let img = crate::load_rgb8(&self.image_root.join(&self.pairs.images[*i]))?;
+                let img = crate::load_rgb8_with(
+                    &self.image_root.join(&self.pairs.images[*i]),
+                    self.limits,
+                )?;
                 let out = self.transform.apply(&img, &mut rng.clone());
                 Ok(crate::image::normalize_chw(&out))
             })

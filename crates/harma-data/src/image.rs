@@ -88,27 +88,51 @@ pub fn to_rgb8(img: DynamicImage) -> RgbImage {
 /// decompression bomb; so do we, by default.
 pub const DEFAULT_MAX_PIXELS: u64 = 2 * 89_478_485;
 
-/// The most pixels a decoded image may have: `HARMA_MAX_IMAGE_PIXELS` if set, else
-/// [`DEFAULT_MAX_PIXELS`] (read once). A header declaring more is refused before any pixel is
-/// decoded, so a few bytes cannot ask for gigabytes.
-pub fn max_pixels() -> u64 {
-    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        std::env::var("HARMA_MAX_IMAGE_PIXELS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_MAX_PIXELS)
-    })
+/// How large an image the decoders accept: a header declaring more pixels is refused before
+/// any pixel is decoded, so a few bytes cannot ask for gigabytes. Passed as a value to every
+/// decoder (and the batcher and encoder that call them); [`LoadSettings`] is its setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadLimits {
+    pub max_pixels: u64,
 }
 
-/// Refuse a `width` x `height` image above [`max_pixels`].
-fn check_pixels(width: u64, height: u64) -> std::result::Result<(), String> {
+impl Default for LoadLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+harma_settings::settings! {
+    /// How large an image may be decoded.
+    pub struct LoadSettings {
+        /// The most pixels an image may have [default: 178956970, twice Pillow's
+        /// MAX_IMAGE_PIXELS]; a file declaring more is refused from its header, before
+        /// anything is decoded (a decompression bomb). Also read from HARMA_MAX_IMAGE_PIXELS
+        #[setting(value_name("N"), env("HARMA_MAX_IMAGE_PIXELS"))]
+        pub max_image_pixels: Option<u64> = None,
+    }
+}
+
+impl LoadSettings {
+    /// The limits these settings ask for.
+    pub fn limits(&self) -> LoadLimits {
+        LoadLimits {
+            max_pixels: self.max_image_pixels.unwrap_or(DEFAULT_MAX_PIXELS),
+        }
+    }
+}
+
+/// Refuse a `width` x `height` image above `limits`.
+fn check_pixels(width: u64, height: u64, limits: LoadLimits) -> std::result::Result<(), String> {
     let pixels = width.saturating_mul(height);
-    let limit = max_pixels();
+    let limit = limits.max_pixels;
     if pixels > limit {
         return Err(format!(
             "{width}x{height} is {pixels} pixels, more than the {limit} allowed (a \
-             decompression bomb?); set HARMA_MAX_IMAGE_PIXELS to allow larger images"
+             decompression bomb?); set --max-image-pixels or HARMA_MAX_IMAGE_PIXELS to allow \
+             larger images"
         ));
     }
     if pixels == 0 {
@@ -119,14 +143,19 @@ fn check_pixels(width: u64, height: u64) -> std::result::Result<(), String> {
 
 /// Decode an image file (tif/tiff, jpg/jpeg, png, bmp, webp; the format is read from the
 /// content) to 8-bit RGB. A missing, truncated or corrupt file, or one of more than
-/// [`max_pixels`], names itself in the error.
+/// the default [`LoadLimits`], names itself in the error.
 pub fn load_rgb8(path: &Path) -> Result<RgbImage> {
+    load_rgb8_with(path, LoadLimits::default())
+}
+
+/// [`load_rgb8`] within `limits`.
+pub fn load_rgb8_with(path: &Path, limits: LoadLimits) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,
     })?;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        return decode_jpeg(&bytes).map_err(|msg| image_error(path, msg));
+        return decode_jpeg(&bytes, limits).map_err(|msg| image_error(path, msg));
     }
     let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -134,7 +163,7 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage> {
         .into_decoder()
         .map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
     let (w, h) = image::ImageDecoder::dimensions(&decoder);
-    check_pixels(w as u64, h as u64).map_err(|msg| image_error(path, msg))?;
+    check_pixels(w as u64, h as u64, limits).map_err(|msg| image_error(path, msg))?;
     let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
     Ok(to_rgb8(img))
@@ -211,7 +240,7 @@ fn cmyk_to_rgb(px: &[[u8; 4]], inverted: bool) -> Vec<u8> {
 /// JPEG through libjpeg-turbo's decoder (mozjpeg), the library PIL uses, so the decoded
 /// bytes are PIL's exactly (pure-Rust decoders differ by a few levels in chroma upsampling).
 /// CMYK and YCCK JPEGs are converted as Pillow converts them.
-fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+fn decode_jpeg(bytes: &[u8], limits: LoadLimits) -> std::result::Result<RgbImage, String> {
     use mozjpeg::ColorSpace;
     let ran_out = std::cell::Cell::new(false);
     let inverted = adobe_marker(bytes);
@@ -226,7 +255,7 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             let d = mozjpeg::Decompress::builder()
                 .from_reader(src)
                 .map_err(|e| e.to_string())?;
-            check_pixels(d.width() as u64, d.height() as u64)?;
+            check_pixels(d.width() as u64, d.height() as u64, limits)?;
             let cmyk = matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK);
             let io = |e: std::io::Error| e.to_string();
             let img = if cmyk {
@@ -416,8 +445,8 @@ pub fn normalize_chw(img: &RgbImage) -> Vec<f32> {
 
 /// The evaluation transform: decode, resize to `size` x `size` bicubic, normalise.
 /// Returns [3, size, size] flattened.
-pub fn preprocess_eval(path: &Path, size: usize) -> Result<Vec<f32>> {
-    let img = load_rgb8(path)?;
+pub fn preprocess_eval(path: &Path, size: usize, limits: LoadLimits) -> Result<Vec<f32>> {
+    let img = load_rgb8_with(path, limits)?;
     Ok(normalize_chw(&resize_bicubic(&img, size, size)))
 }
 

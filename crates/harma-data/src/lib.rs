@@ -16,7 +16,10 @@ pub mod sampler;
 pub mod synth;
 
 pub use crate::caption::clean_caption;
-pub use crate::image::{load_rgb8, preprocess_eval, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD};
+pub use crate::image::{
+    load_rgb8, load_rgb8_with, preprocess_eval, resize_bicubic, LoadLimits, LoadSettings, RgbImage,
+    CLIP_MEAN, CLIP_STD,
+};
 
 /// Errors of the data crate.
 #[derive(Debug, thiserror::Error)]

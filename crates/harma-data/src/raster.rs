@@ -15,7 +15,7 @@ use std::path::Path;
 use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
-use crate::image::{load_rgb8, normalize_chw, resize_bicubic, RgbImage};
+use crate::image::{load_rgb8_with, normalize_chw, resize_bicubic, LoadLimits, RgbImage};
 use crate::{Error, Result};
 
 /// The largest raster (decoded samples, in bytes) read for band selection: 2 GiB. Cut larger
@@ -334,10 +334,11 @@ pub fn write_geotiff(path: &Path, img: &RgbImage, geo: &GeoRef) -> Result<()> {
 }
 
 /// Decode a raster to 8-bit RGB: without `bands`, exactly as `harma embed` reads the file
-/// ([`load_rgb8`]); with them, the chosen bands (see the module's text).
-pub fn load_raster(path: &Path, bands: Option<&Bands>) -> Result<RgbImage> {
+/// ([`crate::load_rgb8`]); with them, the chosen bands (see the module's text). Within
+/// `limits` either way.
+pub fn load_raster(path: &Path, bands: Option<&Bands>, limits: LoadLimits) -> Result<RgbImage> {
     match bands {
-        None => load_rgb8(path).map_err(|e| match e {
+        None => load_rgb8_with(path, limits).map_err(|e| match e {
             // a TIFF of many bands: say how to read it
             Error::Image { .. } if is_tiff(path) => match tiff_band_count(path) {
                 Some(n) if n > 4 => err(
@@ -351,7 +352,7 @@ pub fn load_raster(path: &Path, bands: Option<&Bands>) -> Result<RgbImage> {
         Some(b) if is_tiff(path) => load_tiff_bands(path, b),
         Some(b) => {
             // other formats decode to RGB: the bands are its channels
-            let img = load_rgb8(path)?;
+            let img = load_rgb8_with(path, limits)?;
             if let Some(&bad) = b.0.iter().find(|&&n| n > 3) {
                 return Err(err(
                     path,

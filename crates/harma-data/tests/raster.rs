@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use harma_data::raster::{
     load_raster, read_georef, tile_grid, Bands, GeoRef, Tile, EDGE_BOTTOM, EDGE_RIGHT,
 };
+use harma_data::LoadLimits;
 use tiff::encoder::colortype::{self, ColorType};
 use tiff::encoder::TiffEncoder;
 use tiff::tags::{PhotometricInterpretation, SampleFormat, Tag};
@@ -239,13 +240,13 @@ fn geotiff_boxes_match_hand_computed_values() {
     // write_geotiff writes what read_georef reads, projected and geographic
     for geo in [g, gt] {
         let w = dir.join("written.tif");
-        let img = load_raster(&p, None).unwrap();
+        let img = load_raster(&p, None, LoadLimits::default()).unwrap();
         harma_data::raster::write_geotiff(&w, &img, &geo).unwrap();
         assert_eq!(read_georef(&w).unwrap(), Some(geo));
-        assert_eq!(load_raster(&w, None).unwrap(), img);
+        assert_eq!(load_raster(&w, None, LoadLimits::default()).unwrap(), img);
     }
     // and the pixels are what `harma embed` decodes
-    let img = load_raster(&p, None).unwrap();
+    let img = load_raster(&p, None, LoadLimits::default()).unwrap();
     assert_eq!((img.width, img.height), (300, 200));
     assert_eq!(&img.data[(5 * 300 + 260) * 3..][..3], &[4, 5, 7]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -288,16 +289,32 @@ fn bands_are_picked_and_wide_samples_stretched() {
         .unwrap()
         .write_image::<Bands5U8>(w as u32, h as u32, &data)
         .unwrap();
-    let img = load_raster(&p8, Some(&"5,3,1".parse::<Bands>().unwrap())).unwrap();
+    let img = load_raster(
+        &p8,
+        Some(&"5,3,1".parse::<Bands>().unwrap()),
+        LoadLimits::default(),
+    )
+    .unwrap();
     assert_eq!(&img.data[..6], &[40, 20, 0, 41, 21, 1]);
-    let grey = load_raster(&p8, Some(&"2".parse::<Bands>().unwrap())).unwrap();
+    let grey = load_raster(
+        &p8,
+        Some(&"2".parse::<Bands>().unwrap()),
+        LoadLimits::default(),
+    )
+    .unwrap();
     assert_eq!(&grey.data[3 * 7..3 * 8], &[17, 17, 17]);
     // without --bands: refused with advice
-    let e = load_raster(&p8, None).unwrap_err().to_string();
-    assert!(e.contains("has 5 bands") && e.contains("--bands"), "{e}");
-    let e = load_raster(&p8, Some(&"6,2,1".parse::<Bands>().unwrap()))
+    let e = load_raster(&p8, None, LoadLimits::default())
         .unwrap_err()
         .to_string();
+    assert!(e.contains("has 5 bands") && e.contains("--bands"), "{e}");
+    let e = load_raster(
+        &p8,
+        Some(&"6,2,1".parse::<Bands>().unwrap()),
+        LoadLimits::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("has 5 band(s)") && e.contains("band 6"), "{e}");
 
     // 16-bit: band 1 runs 1000..1100 over 101 pixels; its 2nd and 98th percentiles are 1002
@@ -311,7 +328,12 @@ fn bands_are_picked_and_wide_samples_stretched() {
         .unwrap()
         .write_image::<Bands5U16>(n as u32, 1, &data)
         .unwrap();
-    let img = load_raster(&p16, Some(&"1,2,1".parse::<Bands>().unwrap())).unwrap();
+    let img = load_raster(
+        &p16,
+        Some(&"1,2,1".parse::<Bands>().unwrap()),
+        LoadLimits::default(),
+    )
+    .unwrap();
     let red: Vec<u8> = img.data.chunks(3).map(|p| p[0]).collect();
     let want: Vec<u8> = (0..n)
         .map(|i| ((i as f64 - 2.0) * 255.0 / 96.0).round().clamp(0.0, 255.0) as u8)
@@ -327,9 +349,19 @@ fn bands_are_picked_and_wide_samples_stretched() {
         .unwrap()
         .save(&png)
         .unwrap();
-    let img = load_raster(&png, Some(&"3,2,1".parse::<Bands>().unwrap())).unwrap();
+    let img = load_raster(
+        &png,
+        Some(&"3,2,1".parse::<Bands>().unwrap()),
+        LoadLimits::default(),
+    )
+    .unwrap();
     assert_eq!(img.data, vec![3, 2, 1, 6, 5, 4]);
-    assert!(load_raster(&png, Some(&"4,2,1".parse::<Bands>().unwrap())).is_err());
+    assert!(load_raster(
+        &png,
+        Some(&"4,2,1".parse::<Bands>().unwrap()),
+        LoadLimits::default()
+    )
+    .is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -120,6 +120,133 @@ fn admit(mut s: TcpStream, world: usize, secret: &[u8], blob: &[u8]) -> Result<J
     Ok((r as usize, s))
 }
 
+/// Rank 0's side of [`Rendezvous::meet`]: listen at `addr` until the other `world - 1` ranks
+/// have proven the secret (each handshake on its own thread), by `deadline`; the links by
+/// rank.
+fn host(
+    world: usize,
+    addr: &str,
+    secret: &[u8],
+    blob: &[u8],
+    (deadline, timeout): (Instant, Duration),
+) -> Result<Vec<TcpStream>> {
+    let listener = TcpListener::bind(addr)
+        .with_context(|| format!("rank 0 cannot listen on {addr} (MASTER_ADDR:MASTER_PORT)"))?;
+    listener.set_nonblocking(true)?;
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Joined>)>();
+    let mut links: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+    while links.iter().any(Option::is_none) {
+        match listener.accept() {
+            Ok((s, from)) => {
+                s.set_nonblocking(false)?;
+                let (tx, secret, blob) = (tx.clone(), secret.to_vec(), blob.to_vec());
+                std::thread::spawn(move || {
+                    let _ = tx.send((from.to_string(), admit(s, world, &secret, &blob)));
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    let missing: Vec<String> = links
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.is_none())
+                        .map(|(i, _)| (i + 1).to_string())
+                        .collect();
+                    bail!(
+                        "rank 0 waited {}s on {addr} for ranks {} that never came",
+                        timeout.as_secs(),
+                        missing.join(", ")
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("accepting a rank"),
+        }
+        while let Ok((from, joined)) = rx.try_recv() {
+            match joined {
+                Ok((r, s)) => match &mut links[r - 1] {
+                    slot @ None => *slot = Some(s),
+                    Some(_) => bail!("rank {r} connected twice (from {from})"),
+                },
+                Err(e) => {
+                    eprintln!("warning: rank 0 refused a connection from {from} on {addr}: {e:#}")
+                }
+            }
+        }
+    }
+    let links: Vec<TcpStream> = links.into_iter().flatten().collect();
+    for s in &links {
+        s.set_read_timeout(None)?;
+        s.set_write_timeout(None)?;
+    }
+    Ok(links)
+}
+
+/// A rank's side of [`Rendezvous::meet`]: connect to rank 0 at `addr` (retrying until
+/// `deadline`), prove the secret, check rank 0's proof, and receive the blob.
+fn join(
+    rank: usize,
+    world: usize,
+    addr: &str,
+    secret: &[u8],
+    (deadline, timeout): (Instant, Duration),
+) -> Result<(TcpStream, Vec<u8>)> {
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("MASTER_ADDR:MASTER_PORT {addr} does not resolve"))?
+        .next()
+        .with_context(|| format!("{addr} has no address"))?;
+    let mut s = loop {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "rank {rank} could not reach rank 0 at {addr} in {}s",
+                        timeout.as_secs()
+                    )
+                })
+            }
+        }
+    };
+    s.set_nodelay(true).ok();
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let hello: [u8; 10] = read_array(&mut s)
+        .with_context(|| format!("rank {rank}: {addr} did not greet as rank 0"))?;
+    if &hello != HELLO {
+        bail!("rank {rank}: {addr} is not a harma rank 0");
+    }
+    let nonce: [u8; 16] = read_array(&mut s)?;
+    let mine = random_bytes();
+    let (rb, wb) = ((rank as u64).to_le_bytes(), (world as u64).to_le_bytes());
+    s.write_all(HELLO)?;
+    s.write_all(&rb)?;
+    s.write_all(&wb)?;
+    s.write_all(&mine)?;
+    s.write_all(&hmac(secret, &[b"rank", &nonce, &mine, &rb, &wb]))?;
+    let proof: [u8; 32] = read_array(&mut s).with_context(|| {
+        format!(
+            "rank {rank}: rank 0 at {addr} refused this rank (another job's secret, world \
+             or rank? its log says why)"
+        )
+    })?;
+    if !same(&proof, &hmac(secret, &[b"rank0", &mine, &nonce, &rb, &wb])) {
+        bail!("rank {rank}: {addr} does not know this job's secret: not our rank 0");
+    }
+    let n = read_u64(&mut s).context("rank 0 closed the rendezvous")? as usize;
+    if n > 1 << 20 {
+        bail!("rank 0 sent a rendezvous blob of {n} bytes");
+    }
+    let mut blob = vec![0u8; n];
+    s.read_exact(&mut blob)?;
+    s.set_read_timeout(None)?;
+    Ok((s, blob))
+}
+
 /// The connections of a run: rank 0 holds one to every other rank (by rank, from 1), every
 /// other rank one to rank 0.
 pub struct Rendezvous {
@@ -150,121 +277,16 @@ impl Rendezvous {
             bail!("rank {rank}: the job's secret is empty (HARMA_DIST_SECRET)");
         }
         let secret = secret.as_bytes();
-        if rank == 0 {
-            let listener = TcpListener::bind(addr).with_context(|| {
-                format!("rank 0 cannot listen on {addr} (MASTER_ADDR:MASTER_PORT)")
-            })?;
-            listener.set_nonblocking(true)?;
-            let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Joined>)>();
-            let mut links: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
-            while links.iter().any(Option::is_none) {
-                match listener.accept() {
-                    Ok((s, from)) => {
-                        s.set_nonblocking(false)?;
-                        let (tx, secret, blob) = (tx.clone(), secret.to_vec(), blob.clone());
-                        std::thread::spawn(move || {
-                            let _ = tx.send((from.to_string(), admit(s, world, &secret, &blob)));
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            let missing: Vec<String> = links
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, l)| l.is_none())
-                                .map(|(i, _)| (i + 1).to_string())
-                                .collect();
-                            bail!(
-                                "rank 0 waited {}s on {addr} for ranks {} that never came",
-                                timeout.as_secs(),
-                                missing.join(", ")
-                            );
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(e).context("accepting a rank"),
-                }
-                while let Ok((from, joined)) = rx.try_recv() {
-                    match joined {
-                        Ok((r, s)) => match &mut links[r - 1] {
-                            slot @ None => *slot = Some(s),
-                            Some(_) => bail!("rank {r} connected twice (from {from})"),
-                        },
-                        Err(e) => eprintln!(
-                            "warning: rank 0 refused a connection from {from} on {addr}: {e:#}"
-                        ),
-                    }
-                }
-            }
-            let links: Vec<TcpStream> = links.into_iter().flatten().collect();
-            for s in &links {
-                s.set_read_timeout(None)?;
-                s.set_write_timeout(None)?;
-            }
-            return Ok(Self {
-                rank,
-                world,
-                links,
-                blob,
-            });
-        }
-        let target = addr
-            .to_socket_addrs()
-            .with_context(|| format!("MASTER_ADDR:MASTER_PORT {addr} does not resolve"))?
-            .next()
-            .with_context(|| format!("{addr} has no address"))?;
-        let mut s = loop {
-            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "rank {rank} could not reach rank 0 at {addr} in {}s",
-                            timeout.as_secs()
-                        )
-                    })
-                }
-            }
+        let (links, blob) = if rank == 0 {
+            (host(world, addr, secret, &blob, (deadline, timeout))?, blob)
+        } else {
+            let (s, blob) = join(rank, world, addr, secret, (deadline, timeout))?;
+            (vec![s], blob)
         };
-        s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let hello: [u8; 10] = read_array(&mut s)
-            .with_context(|| format!("rank {rank}: {addr} did not greet as rank 0"))?;
-        if &hello != HELLO {
-            bail!("rank {rank}: {addr} is not a harma rank 0");
-        }
-        let nonce: [u8; 16] = read_array(&mut s)?;
-        let mine = random_bytes();
-        let (rb, wb) = ((rank as u64).to_le_bytes(), (world as u64).to_le_bytes());
-        s.write_all(HELLO)?;
-        s.write_all(&rb)?;
-        s.write_all(&wb)?;
-        s.write_all(&mine)?;
-        s.write_all(&hmac(secret, &[b"rank", &nonce, &mine, &rb, &wb]))?;
-        let proof: [u8; 32] = read_array(&mut s).with_context(|| {
-            format!(
-                "rank {rank}: rank 0 at {addr} refused this rank (another job's secret, world \
-                 or rank? its log says why)"
-            )
-        })?;
-        if !same(&proof, &hmac(secret, &[b"rank0", &mine, &nonce, &rb, &wb])) {
-            bail!("rank {rank}: {addr} does not know this job's secret: not our rank 0");
-        }
-        let n = read_u64(&mut s).context("rank 0 closed the rendezvous")? as usize;
-        if n > 1 << 20 {
-            bail!("rank 0 sent a rendezvous blob of {n} bytes");
-        }
-        let mut blob = vec![0u8; n];
-        s.read_exact(&mut blob)?;
-        s.set_read_timeout(None)?;
         Ok(Self {
             rank,
             world,
-            links: vec![s],
+            links,
             blob,
         })
     }

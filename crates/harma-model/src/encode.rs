@@ -78,6 +78,8 @@ pub struct Encoder<'a> {
     pub hook: Option<&'a dyn BlockHook>,
     /// Images or captions per forward pass.
     pub batch: usize,
+    /// How large an image may be decoded.
+    pub limits: harma_data::LoadLimits,
 }
 
 impl Encoder<'_> {
@@ -110,8 +112,8 @@ impl Encoder<'_> {
                 let pixels = chunks[i]
                     .par_iter()
                     .map(|p| match bands {
-                        None => harma_data::preprocess_eval(p, size),
-                        Some(b) => harma_data::raster::load_raster(p, Some(b))
+                        None => harma_data::preprocess_eval(p, size, self.limits),
+                        Some(b) => harma_data::raster::load_raster(p, Some(b), self.limits)
                             .map(|img| harma_data::raster::preprocess_whole(&img, size)),
                     })
                     .collect::<std::result::Result<Vec<Vec<f32>>, _>>()?;

@@ -7,6 +7,7 @@ use anyhow::Result;
 use harma_metrics::RetrievalMetrics;
 
 use super::examples::Examples;
+use super::info::{RunInfo, Session};
 use super::page::{Block, Card, Page, Table};
 use super::plot::{self, Level, Mark, Panel, Style, YFormat, PALETTE};
 use super::{info, shown, Comparison, EvalRecord, Folder, Ours};
@@ -398,65 +399,92 @@ fn comparison_blocks(f: &Folder, c: &Comparison) -> Vec<Block> {
 
 /// Settings, data, checkpoints, machine and time.
 fn details_blocks(f: &Folder) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    if let Some(cfg) = &f.config {
-        let rows = cfg
-            .iter()
-            .map(|(k, v)| {
-                let shown = match v {
-                    toml::Value::String(s) if s.starts_with('/') => f.shown(Path::new(s)),
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                vec![format!("`{k}`"), shown]
-            })
-            .collect();
-        blocks.push(Block::Fold(
-            "Settings (config.toml)".into(),
-            vec![Block::Table(Table {
-                head: vec!["setting".into(), "value".into()],
-                rows,
-                ..Table::default()
-            })],
-        ));
+    let mut blocks: Vec<Block> = settings_block(f).into_iter().collect();
+    let files = files_table(f);
+    if !files.rows.is_empty() {
+        blocks.push(Block::Subheading("Data and checkpoints".into()));
+        blocks.push(Block::Table(files));
     }
-    let mut files = Table {
-        head: ["file", "role", "images", "captions", "sha256"]
-            .map(String::from)
-            .to_vec(),
-        ..Table::default()
+    if let Some(info) = &f.info {
+        blocks.push(Block::Subheading("Machine and time".into()));
+        blocks.push(Block::Table(phases_table(info)));
+        blocks.push(Block::Bullets(speed_and_memory(info)));
+        blocks.push(Block::Table(sessions_table(info)));
+    }
+    blocks
+}
+
+/// The run's settings as config.toml holds them, folded.
+fn settings_block(f: &Folder) -> Option<Block> {
+    let rows = f
+        .config
+        .as_ref()?
+        .iter()
+        .map(|(k, v)| {
+            let shown = match v {
+                toml::Value::String(s) if s.starts_with('/') => f.shown(Path::new(s)),
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            vec![format!("`{k}`"), shown]
+        })
+        .collect();
+    Some(Block::Fold(
+        "Settings (config.toml)".into(),
+        vec![Block::Table(Table {
+            head: vec!["setting".into(), "value".into()],
+            rows,
+            ..Table::default()
+        })],
+    ))
+}
+
+/// A row of the files table: the file (as a code span, or as given), its role, its counts
+/// and its checksum.
+fn file_row(
+    file: String,
+    role: String,
+    counts: Option<(usize, usize)>,
+    sha256: &str,
+) -> Vec<String> {
+    let (images, captions) = counts.map_or((String::new(), String::new()), |(i, c)| {
+        (i.to_string(), c.to_string())
+    });
+    let sha = if sha256.is_empty() {
+        String::new()
+    } else {
+        format!("`{sha256}`")
     };
+    vec![file, role, images, captions, sha]
+}
+
+/// The annotation files, the backbone, the starting adapters and the checkpoints, hashed.
+fn files_table(f: &Folder) -> Table {
+    let mut rows = Vec::new();
     if let Some(info) = &f.info {
         for d in &info.data {
-            files.rows.push(vec![
+            rows.push(file_row(
                 format!("`{}`", f.shown(&d.file.path)),
                 format!("{} annotations", d.split),
-                d.images.to_string(),
-                d.captions.to_string(),
-                format!("`{}`", d.file.sha256),
-            ]);
+                Some((d.images, d.captions)),
+                &d.file.sha256,
+            ));
         }
         if let Some(init) = &info.init {
-            files.rows.push(vec![
+            rows.push(file_row(
                 format!("`{}`", f.shown(&init.path)),
                 format!("backbone ({})", gigabytes(init.bytes)),
-                String::new(),
-                String::new(),
-                format!("`{}`", init.sha256),
-            ]);
+                None,
+                &init.sha256,
+            ));
         }
         if let Some(a) = &info.start_adapters {
-            files.rows.push(vec![
-                if a == "fresh" {
-                    "(fresh)".to_string()
-                } else {
-                    format!("`{}`", f.shown(Path::new(a)))
-                },
-                "starting adapters".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]);
+            let file = if a == "fresh" {
+                "(fresh)".to_string()
+            } else {
+                format!("`{}`", f.shown(Path::new(a)))
+            };
+            rows.push(file_row(file, "starting adapters".into(), None, ""));
         }
     }
     for c in &f.checkpoints {
@@ -465,85 +493,89 @@ fn details_blocks(f: &Folder) -> Vec<Block> {
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned());
         let meta = checkpoint_step(&c.path).map_or(String::new(), |s| format!(", step {s}"));
-        files.rows.push(vec![
-            format!("`{name}`"),
-            format!("checkpoint ({:.1} MB{meta})", c.bytes as f64 / 1e6),
-            String::new(),
-            String::new(),
-            format!("`{}`", c.sha256),
-        ]);
+        let role = format!("checkpoint ({:.1} MB{meta})", c.bytes as f64 / 1e6);
+        rows.push(file_row(format!("`{name}`"), role, None, &c.sha256));
     }
-    if !files.rows.is_empty() {
-        blocks.push(Block::Subheading("Data and checkpoints".into()));
-        blocks.push(Block::Table(files));
-    }
-    if let Some(info) = &f.info {
-        blocks.push(Block::Subheading("Machine and time".into()));
-        let phases = info.phases();
-        let total = phases.total();
-        let mut rows: Vec<Vec<String>> = phases
-            .named()
-            .iter()
-            .filter(|(_, s)| *s > 0.0)
-            .map(|(n, s)| {
-                vec![
-                    n.to_string(),
-                    duration(*s),
-                    format!("{:.0}%", 100.0 * s / total.max(1e-9)),
-                ]
-            })
-            .collect();
-        rows.push(vec!["total".into(), duration(total), "100%".into()]);
-        blocks.push(Block::Table(Table {
-            head: vec!["phase".into(), "wall time".into(), "share".into()],
-            strong: vec![rows.len() - 1],
-            rows,
-            numeric: true,
-        }));
-        let mut facts = Vec::new();
-        if let Some(p) = info.pairs_per_second() {
-            facts.push(format!(
-                "Training throughput: {p:.1} pairs/s (pairs trained over training-step time)."
-            ));
-        }
-        if let Some(m) = info.peak_memory() {
-            facts.push(format!("Peak memory (VmHWM): {}.", gigabytes(m)));
-        }
-        blocks.push(Block::Bullets(facts));
-        let sessions = info
-            .sessions
-            .iter()
-            .map(|s| {
-                vec![
-                    s.started.clone(),
-                    format!("{} ({})", s.version, s.commit),
-                    s.cpu.clone(),
-                    format!("{} / {}", s.threads, s.cores),
-                    s.device.clone(),
-                    s.precision.clone(),
-                    format!("{}-{}", s.from_step, s.to_step),
-                    s.peak_memory.map_or("-".into(), gigabytes),
-                ]
-            })
-            .collect();
-        blocks.push(Block::Table(Table {
-            head: [
-                "session (UTC)",
-                "harma-rs (commit)",
-                "CPU",
-                "threads / cores",
-                "device",
-                "precision",
-                "steps",
-                "peak memory",
-            ]
+    Table {
+        head: ["file", "role", "images", "captions", "sha256"]
             .map(String::from)
             .to_vec(),
-            rows: sessions,
-            ..Table::default()
-        }));
+        rows,
+        ..Table::default()
     }
-    blocks
+}
+
+/// Wall time per phase, with each one's share and the total.
+fn phases_table(info: &RunInfo) -> Table {
+    let phases = info.phases();
+    let total = phases.total();
+    let mut rows: Vec<Vec<String>> = phases
+        .named()
+        .iter()
+        .filter(|(_, s)| *s > 0.0)
+        .map(|(n, s)| {
+            vec![
+                n.to_string(),
+                duration(*s),
+                format!("{:.0}%", 100.0 * s / total.max(1e-9)),
+            ]
+        })
+        .collect();
+    rows.push(vec!["total".into(), duration(total), "100%".into()]);
+    Table {
+        head: vec!["phase".into(), "wall time".into(), "share".into()],
+        strong: vec![rows.len() - 1],
+        rows,
+        numeric: true,
+    }
+}
+
+/// Training throughput and peak memory, where recorded.
+fn speed_and_memory(info: &RunInfo) -> Vec<String> {
+    let mut facts = Vec::new();
+    if let Some(p) = info.pairs_per_second() {
+        facts.push(format!(
+            "Training throughput: {p:.1} pairs/s (pairs trained over training-step time)."
+        ));
+    }
+    if let Some(m) = info.peak_memory() {
+        facts.push(format!("Peak memory (VmHWM): {}.", gigabytes(m)));
+    }
+    facts
+}
+
+/// A column of the sessions table: its heading, and the cell of a session.
+type SessionColumn = (&'static str, fn(&Session) -> String);
+
+/// The columns of the sessions table.
+const SESSION_COLUMNS: &[SessionColumn] = &[
+    ("session (UTC)", |s| s.started.clone()),
+    ("harma-rs (commit)", |s| {
+        format!("{} ({})", s.version, s.commit)
+    }),
+    ("CPU", |s| s.cpu.clone()),
+    ("threads / cores", |s| {
+        format!("{} / {}", s.threads, s.cores)
+    }),
+    ("device", |s| s.device.clone()),
+    ("precision", |s| s.precision.clone()),
+    ("steps", |s| format!("{}-{}", s.from_step, s.to_step)),
+    ("peak memory", |s| {
+        s.peak_memory.map_or("-".into(), gigabytes)
+    }),
+];
+
+/// One row per session of the run (a resumed run has several).
+fn sessions_table(info: &RunInfo) -> Table {
+    Table {
+        head: SESSION_COLUMNS.iter().map(|(h, _)| h.to_string()).collect(),
+        rows: info
+            .sessions
+            .iter()
+            .map(|s| SESSION_COLUMNS.iter().map(|(_, cell)| cell(s)).collect())
+            .collect(),
+        ..Table::default()
+    }
 }
 
 /// The step a run's checkpoint was written after (its metadata).
@@ -571,6 +603,25 @@ fn footer() -> String {
 
 /// The page of a training run.
 pub(super) fn run_page(f: &Folder) -> Result<Page> {
+    let mut blocks = vec![Block::Cards(run_cards(f))];
+    if let Some(c) = &f.comparison {
+        blocks.extend(comparison_blocks(f, c));
+    }
+    blocks.extend(results_blocks(f));
+    blocks.extend(training_blocks(f)?);
+    blocks.extend(validation_blocks(f)?);
+    let page = Page {
+        title: format!("HarMA run: {}", f.title()),
+        subtitle: run_subtitle(f),
+        blocks,
+        footer: footer(),
+        ..Page::default()
+    };
+    Ok(examples_and_details(page, f, "Run details"))
+}
+
+/// What was trained from what, and how far the run is.
+fn run_subtitle(f: &Folder) -> String {
     let m = &f.metrics;
     let done = f.log.last().map_or(0, |l| l.report.step);
     let status = match (&m.test, f.total_steps()) {
@@ -593,6 +644,13 @@ pub(super) fn run_page(f: &Folder) -> Result<Page> {
         .and_then(|v| v.as_str())
         .map(|s| f.shown(Path::new(s)))
         .unwrap_or_default();
+    format!("{train} from {init}; {status}")
+}
+
+/// The cards at the top of a run's page: test mR, its change from step 0, best val mR, wall
+/// time and memory.
+fn run_cards(f: &Folder) -> Vec<Card> {
+    let m = &f.metrics;
     let mut cards = Vec::new();
     let zs = m.start.as_ref().and_then(|s| s.test);
     cards.push(Card {
@@ -639,18 +697,26 @@ pub(super) fn run_page(f: &Folder) -> Result<Page> {
             });
         }
     }
-    let mut blocks = vec![Block::Cards(cards)];
-    if let Some(c) = &f.comparison {
-        blocks.extend(comparison_blocks(f, c));
-    }
-    blocks.push(Block::Heading("Results".into()));
-    blocks.push(Block::Table(results_table(f)));
-    blocks.push(Block::Para(
-        "R@K in percent: image → text counts an image as found when any of its captions is \
-         among the top K; text → image, when the caption's image is. mR is the mean of the \
-         six. Test is evaluated once, with the adapters chosen on val."
-            .into(),
-    ));
+    cards
+}
+
+/// The results table and how to read it.
+fn results_blocks(f: &Folder) -> Vec<Block> {
+    vec![
+        Block::Heading("Results".into()),
+        Block::Table(results_table(f)),
+        Block::Para(
+            "R@K in percent: image → text counts an image as found when any of its captions \
+             is among the top K; text → image, when the caption's image is. mR is the mean of \
+             the six. Test is evaluated once, with the adapters chosen on val."
+                .into(),
+        ),
+    ]
+}
+
+/// The training curves and their table.
+fn training_blocks(f: &Folder) -> Result<Vec<Block>> {
+    let mut blocks = Vec::new();
     blocks.push(Block::Heading("Training".into()));
     if f.log.is_empty() {
         blocks.push(Block::Para("No step recorded yet.".into()));
@@ -666,6 +732,13 @@ pub(super) fn run_page(f: &Folder) -> Result<Page> {
         });
         blocks.push(Block::Table(training_table(f)));
     }
+    Ok(blocks)
+}
+
+/// The val curves and every val evaluation, if any.
+fn validation_blocks(f: &Folder) -> Result<Vec<Block>> {
+    let m = &f.metrics;
+    let mut blocks = Vec::new();
     if !m.val.is_empty() {
         blocks.push(Block::Heading("Validation".into()));
         blocks.push(Block::Figure {
@@ -681,14 +754,7 @@ pub(super) fn run_page(f: &Folder) -> Result<Page> {
             vec![Block::Table(val_table(f))],
         ));
     }
-    let page = Page {
-        title: format!("HarMA run: {}", f.title()),
-        subtitle: format!("{train} from {init}; {status}"),
-        blocks,
-        footer: footer(),
-        ..Page::default()
-    };
-    Ok(examples_and_details(page, f, "Run details"))
+    Ok(blocks)
 }
 
 /// The page of an evaluation (`harma eval --report`).

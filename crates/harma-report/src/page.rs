@@ -278,6 +278,82 @@ fn inline_html(s: &str) -> String {
         .collect()
 }
 
+/// Retrieval examples by caption: each caption, its top images (the right ones ticked) and,
+/// when it ranks lower, its own image.
+fn html_text_queries(h: &mut String, qs: &[TextQuery], classes: &BTreeMap<&str, String>) {
+    for q in qs {
+        let _ = write!(
+            h,
+            "<div class=\"q\"><p class=\"cap\">&ldquo;{}&rdquo; <span class=\"meta\">its image {} ranks {}</span></p><div class=\"row\">",
+            esc(&q.caption),
+            esc(&q.image),
+            q.rank
+        );
+        for (k, hit) in q.top.iter().enumerate() {
+            let _ = write!(
+                h,
+                "<div class=\"hit{}\">{}{}{} {:.3}</div>",
+                if hit.correct { " ok" } else { "" },
+                thumb(classes, &hit.image),
+                k + 1,
+                if hit.correct {
+                    " <span class=\"tick\">&#10003;</span>"
+                } else {
+                    ""
+                },
+                hit.score
+            );
+        }
+        if q.rank > q.top.len() {
+            let _ = write!(
+                h,
+                "<div class=\"hit ok\">{}{} <span class=\"tick\">&#10003;</span></div>",
+                thumb(classes, &q.image),
+                q.rank
+            );
+        }
+        h.push_str("</div></div>\n");
+    }
+}
+
+/// Retrieval examples by image: each image and its top captions (the right ones ticked).
+fn html_image_queries(h: &mut String, qs: &[ImageQuery], classes: &BTreeMap<&str, String>) {
+    for q in qs {
+        let _ = write!(
+            h,
+            "<div class=\"q\"><div class=\"qi\">{}<div><p class=\"meta\" style=\"margin:0 0 4px\">{} &mdash; its best caption ranks {}</p><ol>",
+            thumb(classes, &q.image),
+            esc(&q.image),
+            q.rank
+        );
+        for hit in &q.top {
+            let _ = write!(
+                h,
+                "<li{}>{}{} <span class=\"meta\">{:.3}</span></li>",
+                if hit.correct { " class=\"ok\"" } else { "" },
+                esc(&hit.caption),
+                if hit.correct {
+                    " <span class=\"tick\">&#10003;</span>"
+                } else {
+                    ""
+                },
+                hit.score
+            );
+        }
+        h.push_str("</ol>");
+        if q.rank > q.top.len() {
+            if let Some(t) = q.truth.first() {
+                let _ = write!(
+                    h,
+                    "<p class=\"meta\" style=\"margin:6px 0 0\">its own captions, e.g. &ldquo;{}&rdquo;</p>",
+                    esc(t)
+                );
+            }
+        }
+        h.push_str("</div></div></div>\n");
+    }
+}
+
 fn html_block(h: &mut String, b: &Block, classes: &BTreeMap<&str, String>) {
     match b {
         Block::Heading(s) => {
@@ -318,77 +394,8 @@ fn html_block(h: &mut String, b: &Block, classes: &BTreeMap<&str, String>) {
                 inline_html(caption)
             );
         }
-        Block::TextQueries(qs) => {
-            for q in qs {
-                let _ = write!(
-                    h,
-                    "<div class=\"q\"><p class=\"cap\">&ldquo;{}&rdquo; <span class=\"meta\">its image {} ranks {}</span></p><div class=\"row\">",
-                    esc(&q.caption),
-                    esc(&q.image),
-                    q.rank
-                );
-                for (k, hit) in q.top.iter().enumerate() {
-                    let _ = write!(
-                        h,
-                        "<div class=\"hit{}\">{}{}{} {:.3}</div>",
-                        if hit.correct { " ok" } else { "" },
-                        thumb(classes, &hit.image),
-                        k + 1,
-                        if hit.correct {
-                            " <span class=\"tick\">&#10003;</span>"
-                        } else {
-                            ""
-                        },
-                        hit.score
-                    );
-                }
-                if q.rank > q.top.len() {
-                    let _ = write!(
-                        h,
-                        "<div class=\"hit ok\">{}{} <span class=\"tick\">&#10003;</span></div>",
-                        thumb(classes, &q.image),
-                        q.rank
-                    );
-                }
-                h.push_str("</div></div>\n");
-            }
-        }
-        Block::ImageQueries(qs) => {
-            for q in qs {
-                let _ = write!(
-                    h,
-                    "<div class=\"q\"><div class=\"qi\">{}<div><p class=\"meta\" style=\"margin:0 0 4px\">{} &mdash; its best caption ranks {}</p><ol>",
-                    thumb(classes, &q.image),
-                    esc(&q.image),
-                    q.rank
-                );
-                for hit in &q.top {
-                    let _ = write!(
-                        h,
-                        "<li{}>{}{} <span class=\"meta\">{:.3}</span></li>",
-                        if hit.correct { " class=\"ok\"" } else { "" },
-                        esc(&hit.caption),
-                        if hit.correct {
-                            " <span class=\"tick\">&#10003;</span>"
-                        } else {
-                            ""
-                        },
-                        hit.score
-                    );
-                }
-                h.push_str("</ol>");
-                if q.rank > q.top.len() {
-                    if let Some(t) = q.truth.first() {
-                        let _ = write!(
-                            h,
-                            "<p class=\"meta\" style=\"margin:6px 0 0\">its own captions, e.g. &ldquo;{}&rdquo;</p>",
-                            esc(t)
-                        );
-                    }
-                }
-                h.push_str("</div></div></div>\n");
-            }
-        }
+        Block::TextQueries(qs) => html_text_queries(h, qs, classes),
+        Block::ImageQueries(qs) => html_image_queries(h, qs, classes),
         Block::Fold(summary, inner) => {
             let _ = writeln!(h, "<details><summary>{}</summary>", esc(summary));
             for b in inner {

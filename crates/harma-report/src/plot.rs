@@ -5,6 +5,7 @@
 //! best step).
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// Tableau 10: distinct, colour-blind-friendly hues.
@@ -214,15 +215,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, p: &Panel)
     // (the SVG backend writes sizes divided by 1.24)
     let title = (FONT, 19).into_font().color(&INK);
     let Some(((x0, x1), (y0, y1))) = p.ranges() else {
-        let area = area.titled(&p.title, title).map_err(plot_err)?;
-        let (w, h) = area.dim_in_pixel();
-        area.draw(&Text::new(
-            "no data yet",
-            (w as i32 / 2 - 36, h as i32 / 2),
-            (FONT, 16).into_font().color(&AXIS),
-        ))
-        .map_err(plot_err)?;
-        return Ok(());
+        return draw_no_data(area, &p.title);
     };
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, title)
@@ -286,37 +279,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, p: &Panel)
         }
     }
     for mark in &p.marks {
-        let c = mark.colour;
-        chart
-            .draw_series([
-                Circle::new(mark.at, 7, c.stroke_width(2)),
-                Circle::new(mark.at, 3, c.filled()),
-            ])
-            .map_err(plot_err)?;
-        // the label under or over the mark (pixel offsets from it), towards the middle
-        let right_half = mark.at.0 > (x0 + x1) / 2.0;
-        let (dx, h) = if right_half {
-            (-8, plotters::style::text_anchor::HPos::Right)
-        } else {
-            (8, plotters::style::text_anchor::HPos::Left)
-        };
-        let style = (FONT, 15)
-            .into_font()
-            .color(&c)
-            .pos(plotters::style::text_anchor::Pos::new(
-                h,
-                if mark.below {
-                    plotters::style::text_anchor::VPos::Top
-                } else {
-                    plotters::style::text_anchor::VPos::Bottom
-                },
-            ));
-        let dy = if mark.below { 9 } else { -9 };
-        let text = Text::new(mark.label.clone(), (dx, dy), style);
-        chart
-            .plotting_area()
-            .draw(&(EmptyElement::at(mark.at) + text))
-            .map_err(plot_err)?;
+        draw_mark(&mut chart, mark, (x0 + x1) / 2.0)?;
     }
     if labelled {
         chart
@@ -332,6 +295,56 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, p: &Panel)
             .draw()
             .map_err(plot_err)?;
     }
+    Ok(())
+}
+
+/// A panel's title over "no data yet".
+fn draw_no_data(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, title: &str) -> Result<()> {
+    let area = area
+        .titled(title, (FONT, 19).into_font().color(&INK))
+        .map_err(plot_err)?;
+    let (w, h) = area.dim_in_pixel();
+    area.draw(&Text::new(
+        "no data yet",
+        (w as i32 / 2 - 36, h as i32 / 2),
+        (FONT, 16).into_font().color(&AXIS),
+    ))
+    .map_err(plot_err)?;
+    Ok(())
+}
+
+/// A marked point (a ring around a dot) and its label, under or over it and towards the
+/// middle `x_mid` of the x range.
+fn draw_mark(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    mark: &Mark,
+    x_mid: f64,
+) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let c = mark.colour;
+    chart
+        .draw_series([
+            Circle::new(mark.at, 7, c.stroke_width(2)),
+            Circle::new(mark.at, 3, c.filled()),
+        ])
+        .map_err(plot_err)?;
+    // (pixel offsets from the mark)
+    let (dx, h) = if mark.at.0 > x_mid {
+        (-8, HPos::Right)
+    } else {
+        (8, HPos::Left)
+    };
+    let (dy, v) = if mark.below {
+        (9, VPos::Top)
+    } else {
+        (-9, VPos::Bottom)
+    };
+    let style = (FONT, 15).into_font().color(&c).pos(Pos::new(h, v));
+    let text = Text::new(mark.label.clone(), (dx, dy), style);
+    chart
+        .plotting_area()
+        .draw(&(EmptyElement::at(mark.at) + text))
+        .map_err(plot_err)?;
     Ok(())
 }
 

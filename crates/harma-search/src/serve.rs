@@ -34,6 +34,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use harma_data::raster::{crop, load_raster, Bands};
+use harma_data::LoadLimits;
 use harma_data::{resize_bicubic, RgbImage};
 use http_body_util::Full;
 use hyper::body::{Body, Bytes, Incoming};
@@ -130,6 +131,7 @@ pub struct App {
     state: Mutex<State>,
     root: PathBuf,
     bands: Option<Bands>,
+    limits: LoadLimits,
     embed: TextEmbedder,
     model: String,
     cache: Mutex<VecDeque<Cached>>,
@@ -145,6 +147,11 @@ impl App {
     /// Load the index's vectors and get ready to answer. Images are read from `images` when
     /// given (an archive that moved), else from the folder the index recorded, which must be
     /// an absolute path; either way not from the root of the file system.
+    /// Thumbnails are decoded within `limits` (default: [`LoadLimits::default`]).
+    pub fn with_limits(self, limits: LoadLimits) -> App {
+        App { limits, ..self }
+    }
+
     pub fn new(mut index: Index, images: Option<PathBuf>, embed: TextEmbedder) -> Result<App> {
         let (revision, vectors) = index.read(|v| Ok((v.revision()?, v.vectors()?)))?;
         let refuse = |msg: String| Error::Index {
@@ -188,6 +195,7 @@ impl App {
             }),
             root,
             bands,
+            limits: LoadLimits::default(),
             embed,
             model,
             cache: Mutex::new(VecDeque::new()),
@@ -360,7 +368,7 @@ impl App {
             return Ok(img.clone());
         }
         let img = Arc::new(
-            load_raster(&path, self.bands.as_ref())
+            load_raster(&path, self.bands.as_ref(), self.limits)
                 .map_err(|e| Reply::error(500, format!("cannot read the source image: {e}")))?,
         );
         let mut cache = lock(&self.cache);

@@ -1011,11 +1011,21 @@ fn slow_and_silent_clients_do_not_hold_up_searches() {
         ms(percentile(&busy, 50.0)),
         ms(percentile(&busy, 99.0)),
     );
-    // 2-core machine, test profile: p99 2 to 8 ms in either case
-    assert!(
-        percentile(&busy, 99.0) < Duration::from_millis(100),
-        "{busy:?}"
-    );
+    // (2-core machine, test profile: p99 2 to 8 ms in either case; a figure, not asserted:
+    // speed is `cargo xtask bench`'s). Every search was answered while every slow or silent
+    // connection was still open: none waited for the header deadline to clear them
+    for s in &slow {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let open = matches!(
+            (&*s).read(&mut b),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        assert!(
+            open,
+            "a slow connection was closed before the searches were answered"
+        );
+    }
     drop(slow);
     server.stop();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -1305,15 +1315,9 @@ fn a_late_answer_is_a_503_and_a_panic_a_500_and_the_server_goes_on() {
     let (status, body) = raw_request(addr, "/api/search?q=boom");
     assert_eq!(status, 500);
     assert!(String::from_utf8_lossy(&body).contains("(a bug)"));
-    let start = Instant::now();
     let (status, body) = raw_request(addr, "/api/search?q=slow");
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("no answer within 1 s"));
-    assert!(
-        start.elapsed() < Duration::from_millis(2000),
-        "{:?}",
-        start.elapsed()
-    );
     for _ in 0..4 {
         assert_eq!(raw_request(addr, "/api/search?q=fine").0, 200);
     }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use harma_clip::{ClipConfig, Compute};
+use harma_clip::ClipConfig;
 use harma_data::rng::Rng;
 use harma_data::synth::{write_dataset, SynthSizes};
 use harma_metrics::RetrievalMetrics;
@@ -123,21 +123,13 @@ pub fn demo(args: &Args) -> Result<DemoResult> {
 
     // a small CLIP with random weights stands in for a pretrained one (none can be downloaded
     // here); it is frozen as HarMA freezes its backbone
-    let compute = Compute::new(args.compute.device.device()?, harma_clip::Precision::F32);
     let mut rng = Rng::derive(args.seed, &[7]);
-    let weights = harma_clip::checkpoint::random_backbone(
+    let model_path = out.join("model.safetensors");
+    harma_clip::checkpoint::write_random_backbone(
         &cfg,
         harma_clip::checkpoint::RandomInit::FanIn,
         &mut || rng.uniform(),
-        &compute.device,
-    )?;
-    let model_path = out.join("model.safetensors");
-    let named: Vec<(&str, &candle_core::Tensor)> =
-        weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    harma_checkpoint::write::write_safetensors(
         &model_path,
-        &named,
-        std::iter::empty::<(String, String)>(),
     )?;
 
     let mut train_cfg = TrainConfig::default();

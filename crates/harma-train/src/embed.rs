@@ -80,6 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
         model: &loaded.model,
         hook: loaded.hook(),
         batch: args.batch_size as usize,
+        limits: args.net.load.limits(),
     };
 
     let mut tensors = Vec::new();

@@ -65,6 +65,7 @@ pub fn run(args: &Args) -> Result<()> {
         model: &loaded.model,
         hook: loaded.hook(),
         batch: args.batch_size as usize,
+        limits: args.net.load.limits(),
     };
     let opts = EvalOptions {
         image_root: &args.image_root,

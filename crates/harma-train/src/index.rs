@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use harma_data::raster::{load_raster, preprocess_tile, read_georef, tile_grid, Bands, Tile};
-use harma_data::RgbImage;
+use harma_data::{LoadLimits, RgbImage};
 use harma_search::store::{FileId, FileUpdate, NewTile, Pending, Settings};
 use harma_search::{Index, Writer};
 
@@ -389,14 +389,23 @@ fn embed_tiles(
     let (tile, stride, size) = (settings.tile, settings.stride, settings.image_size);
     let batch = args.batch_size as usize;
     let bands = args.bands.as_ref();
+    let limits = args.net.load.limits();
     let device = &loaded.model.compute.device;
     let pb = progress(total, "tiles");
     let start = std::time::Instant::now();
     let mut report = BuildReport::default();
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
-        let producer =
-            s.spawn(move || produce(root, pending, bands, (tile, stride, size), batch, &tx));
+        let producer = s.spawn(move || {
+            produce(
+                root,
+                pending,
+                (bands, limits),
+                (tile, stride, size),
+                batch,
+                &tx,
+            )
+        });
         for b in rx {
             let n = b.tiles.len();
             let vectors: Vec<f32> = if n > 0 {
@@ -437,7 +446,7 @@ fn embed_tiles(
 fn produce(
     root: &Path,
     pending: &[Pending],
-    bands: Option<&Bands>,
+    (bands, limits): (Option<&Bands>, LoadLimits),
     (tile, stride, size): (usize, usize, usize),
     batch: usize,
     tx: &std::sync::mpsc::SyncSender<Batch>,
@@ -464,7 +473,7 @@ fn produce(
                 .map(|p| {
                     let path = root.join(&p.rel);
                     let failed = |e: harma_data::Error| (p.file_id, e.to_string());
-                    let img = load_raster(&path, bands).map_err(failed)?;
+                    let img = load_raster(&path, bands, limits).map_err(failed)?;
                     let geo = read_georef(&path).map_err(failed)?;
                     let grid = tile_grid(img.width, img.height, tile, stride);
                     Ok(Open {

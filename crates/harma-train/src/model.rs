@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use harma_data::LoadSettings;
 use harma_kernels::compute::ComputeSettings;
 use harma_model::{BackboneSettings, Loaded};
 
@@ -20,6 +21,8 @@ pub struct ModelArgs {
     pub backbone: Flags<BackboneSettings>,
     #[command(flatten)]
     pub compute: Flags<ComputeSettings>,
+    #[command(flatten)]
+    pub load: Flags<LoadSettings>,
 }
 
 impl ModelArgs {

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use harma_adapters::Sharing;
 use harma_clip::ClipTokenizer;
-use harma_data::preprocess_eval;
 use harma_data::raster::{load_raster, preprocess_whole, Bands};
+use harma_data::{preprocess_eval, LoadLimits, LoadSettings};
 use harma_search::exact;
 use harma_search::output::{geojson, ranked, table};
 use harma_search::serve::{self, App};
@@ -39,6 +39,8 @@ pub struct QueryModelArgs {
     pub arch: Option<String>,
     #[command(flatten)]
     pub compute: Flags<ComputeSettings>,
+    #[command(flatten)]
+    pub load: Flags<LoadSettings>,
 }
 
 /// Load the model an index was built with (or the one the flags name, if it is the same).
@@ -68,6 +70,7 @@ pub fn load_for(index: &Index, flags: &QueryModelArgs) -> Result<Loaded> {
         model,
         backbone: backbone.into(),
         compute: flags.compute.clone(),
+        load: flags.load.clone(),
     };
     // identify the files before loading (a cheap refusal), reusing the recorded hashes of
     // unchanged files
@@ -94,6 +97,8 @@ pub fn embed_text(loaded: &Loaded, tokenizer: &ClipTokenizer, text: &str) -> Res
         model: &loaded.model,
         hook: loaded.hook(),
         batch: 1,
+        // captions only: no image is decoded
+        limits: Default::default(),
     };
     let t = encoder.captions(
         tokenizer,
@@ -104,11 +109,16 @@ pub fn embed_text(loaded: &Loaded, tokenizer: &ClipTokenizer, text: &str) -> Res
 }
 
 /// The L2-normalised embedding of a whole image (its bands chosen as the index's were).
-pub fn embed_image(loaded: &Loaded, path: &Path, bands: Option<&Bands>) -> Result<Vec<f32>> {
+pub fn embed_image(
+    loaded: &Loaded,
+    path: &Path,
+    bands: Option<&Bands>,
+    limits: LoadLimits,
+) -> Result<Vec<f32>> {
     let size = loaded.config.vision.image_size;
     let pixels = match bands {
-        None => preprocess_eval(path, size)?,
-        Some(b) => preprocess_whole(&load_raster(path, Some(b))?, size),
+        None => preprocess_eval(path, size, limits)?,
+        Some(b) => preprocess_whole(&load_raster(path, Some(b), limits)?, size),
     };
     let x = Tensor::from_vec(pixels, (1, 3, size, size), &loaded.model.compute.device)?;
     Ok(loaded
@@ -161,7 +171,9 @@ pub fn run_search(args: &SearchArgs) -> Result<()> {
             let tokenizer = ClipTokenizer::new(loaded.config.text.context_length)?;
             embed_text(&loaded, &tokenizer, text)?
         }
-        (None, Some(image)) => embed_image(&loaded, image, bands.as_ref())?,
+        (None, Some(image)) => {
+            embed_image(&loaded, image, bands.as_ref(), args.model.load.limits())?
+        }
         (None, None) => bail!("give a text or --image FILE"),
     };
     // the vectors and the results' rows from one consistent view of the index
@@ -220,6 +232,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         Box::new(move |q: &str| embed_text(&loaded, &tokenizer, q).map_err(|e| format!("{e:#}")))
     };
     let app = App::new(index, args.images.clone(), embed)
+        .map(|app| app.with_limits(args.model.load.limits()))
         .with_context(|| format!("cannot serve {}", args.index.display()))?;
     let listener = serve::bind(&args.addr)?;
     eprintln!(

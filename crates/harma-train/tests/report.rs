@@ -31,15 +31,14 @@ fn setup(dir: &Path) -> PathBuf {
     harma_data::synth::write_dataset(&dir.join("data"), sizes, 5).unwrap();
     let clip = harma_clip::ClipConfig::tiny(harma_clip::Activation::QuickGelu);
     let mut rng = harma_data::rng::Rng::new(9);
-    let weights = harma_clip::checkpoint::random_backbone(
+    let model = dir.join("model.safetensors");
+    harma_clip::checkpoint::write_random_backbone(
         &clip,
         harma_clip::checkpoint::RandomInit::FanIn,
         &mut || rng.uniform(),
-        &candle_core::Device::Cpu,
+        &model,
     )
     .unwrap();
-    let model = dir.join("model.safetensors");
-    candle_core::safetensors::save(&weights, &model).unwrap();
     model
 }
 

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use harma_clip::checkpoint::{random_backbone, RandomInit};
+use harma_clip::checkpoint::{write_random_backbone, RandomInit};
 use harma_clip::{Activation, ClipConfig};
 use harma_data::rng::Rng;
 use serde_json::Value;
@@ -47,20 +47,7 @@ fn temp(name: &str) -> PathBuf {
 fn write_model(path: &Path, seed: u64) {
     let cfg = ClipConfig::tiny(Activation::QuickGelu);
     let mut rng = Rng::new(seed);
-    let w = random_backbone(
-        &cfg,
-        RandomInit::FanIn,
-        &mut || rng.uniform(),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let named: Vec<(&str, &candle_core::Tensor)> = w.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    harma_checkpoint::write::write_safetensors(
-        path,
-        &named,
-        std::iter::empty::<(String, String)>(),
-    )
-    .unwrap();
+    write_random_backbone(&cfg, RandomInit::FanIn, &mut || rng.uniform(), path).unwrap();
 }
 
 /// An RGB scene (pixel values from a seed) as a PNG.

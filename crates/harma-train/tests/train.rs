@@ -84,15 +84,14 @@ fn tiny_model(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let clip = harma_clip::ClipConfig::preset(cfg_path.to_str().unwrap()).unwrap();
     let mut rng = harma_data::rng::Rng::new(5);
-    let weights = harma_clip::checkpoint::random_backbone(
+    let model = dir.join("model.safetensors");
+    harma_clip::checkpoint::write_random_backbone(
         &clip,
         harma_clip::checkpoint::RandomInit::Clip,
         &mut || rng.uniform(),
-        &candle_core::Device::Cpu,
+        &model,
     )
     .unwrap();
-    let model = dir.join("model.safetensors");
-    candle_core::safetensors::save(&weights, &model).unwrap();
     (model, cfg_path)
 }
 
@@ -589,6 +588,17 @@ fn a_corrupt_image_stops_training_naming_the_file() -> Result<()> {
     Ok(())
 }
 
+/// Wait until the run in `run` has logged `steps` steps; the run ending first is a failure
+/// (its output says why).
+fn wait_for_steps(child: &mut std::process::Child, run: &Path, steps: usize) {
+    while !run.join("log.jsonl").exists() || log(run).len() < steps {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before logging {steps} steps");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
     let dir = temp_dir("sigint");
@@ -597,12 +607,9 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() -> Result<()> {
         .args(["--batch-size", "4", "--steps", "100000", "--lr", "1e-4"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    let mut child = child;
     let run = PathBuf::from(a.get("--out"));
-    let started = std::time::Instant::now();
-    while !run.join("log.jsonl").exists() || log(&run).is_empty() {
-        assert!(started.elapsed().as_secs() < 120, "no step logged");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_steps(&mut child, &run, 1);
     let kill = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -835,12 +842,9 @@ fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> 
     let child = launched(&long)
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    let mut child = child;
     let run = dir.join("stopped");
-    let started = std::time::Instant::now();
-    while !run.join("log.jsonl").exists() || log(&run).len() < 2 {
-        assert!(started.elapsed().as_secs() < 120, "no step logged");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_steps(&mut child, &run, 2);
     let kill = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -873,7 +877,6 @@ fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> 
     // a rank that fails: the launcher stops the other and names it
     let broken = args(&dir, "broken");
     std::fs::write(dir.join("images/green.png"), b"\x89PNG\r\n\x1a\n not a png")?;
-    let t = std::time::Instant::now();
     let out = launched(&broken).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -881,7 +884,6 @@ fn the_launcher_runs_ranks_as_processes_and_stops_them_together() -> Result<()> 
         stderr.contains("green.png") && stderr.contains("failed") && stderr.contains("rank"),
         "{stderr}"
     );
-    assert!(t.elapsed().as_secs() < 120, "the run came down quickly");
     std::fs::remove_dir_all(dir).ok();
     Ok(())
 }

@@ -18,6 +18,7 @@ use harma_settings::{Setting, Settings};
 use serde::{Deserialize, Serialize};
 
 use harma_data::augment::TrainTransform;
+use harma_data::LoadSettings;
 
 use crate::optim::{AdamWConfig, AdamWVariant};
 use crate::schedule::Schedule;
@@ -253,6 +254,8 @@ pub struct TrainConfig {
     #[serde(flatten)]
     pub data: DataConfig,
     #[serde(flatten)]
+    pub load: LoadSettings,
+    #[serde(flatten)]
     pub model: ModelConfig,
     #[serde(flatten)]
     pub optim: OptimConfig,
@@ -268,6 +271,7 @@ impl Settings for TrainConfig {
     fn settings() -> Vec<Setting> {
         [
             DataConfig::settings(),
+            LoadSettings::settings(),
             ModelConfig::settings(),
             OptimConfig::settings(),
             LossSettings::settings(),

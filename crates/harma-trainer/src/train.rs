@@ -224,6 +224,7 @@ impl Evaluator<'_> {
             model,
             hook: Some(&adapters),
             batch: self.cfg.run.eval_batch_size,
+            limits: self.cfg.load.limits(),
         };
         let opts = EvalOptions {
             image_root: self.cfg.image_root(),
@@ -601,6 +602,7 @@ fn run_rank(
         context: clip.text.context_length,
         transform: cfg.transform(clip.vision.image_size),
         image_root: cfg.image_root().to_path_buf(),
+        limits: cfg.load.limits(),
     };
     let mut outcome = Outcome::Finished { steps: plan.total };
     harma_data::pipeline::prefetch(

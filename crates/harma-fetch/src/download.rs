@@ -38,6 +38,12 @@ pub struct Net {
     retries: usize,
     /// take a file that nothing can check (no size, no digest known) instead of refusing it
     pub allow_unverified: bool,
+    /// GitHub's raw-file host (no trailing `/`)
+    pub github_raw: String,
+    /// GitHub's API host
+    pub github_api: String,
+    /// the Hugging Face token (`HF_TOKEN`), else the one in hf-hub's token file
+    pub hf_token: Option<String>,
 }
 
 impl Net {
@@ -58,6 +64,23 @@ impl Net {
             probe: build(0),
             retries: 3,
             allow_unverified: false,
+            github_raw: "https://raw.githubusercontent.com".into(),
+            github_api: "https://api.github.com".into(),
+            hf_token: None,
+        }
+    }
+}
+
+impl Net {
+    /// The hosts and token the environment names, read through `var`: `HARMA_GITHUB_RAW`,
+    /// `HARMA_GITHUB_API` (mirrors, tests) and `HF_TOKEN` (as huggingface_hub reads it).
+    pub fn with_env(self, var: &dyn Fn(&str) -> Option<String>) -> Self {
+        let host = |k: &str, d: String| var(k).map_or(d, |v| v.trim_end_matches('/').to_string());
+        Self {
+            github_raw: host("HARMA_GITHUB_RAW", self.github_raw.clone()),
+            github_api: host("HARMA_GITHUB_API", self.github_api.clone()),
+            hf_token: var("HF_TOKEN").filter(|t| !t.is_empty()),
+            ..self
         }
     }
 }
@@ -395,7 +418,7 @@ impl Transfer<'_> {
                 "cannot download {url}: the server answered HTTP {code}{}",
                 match code {
                     401 | 403 => " (a gated or private file: set HF_TOKEN, or check the address)",
-                    404 => " (moved or renamed at the source? edit xtask/sources.json or pass --sources)",
+                    404 => " (moved or renamed at the source? edit crates/harma-fetch/sources.json or pass --sources)",
                     _ => "",
                 }
             ),
@@ -694,10 +717,7 @@ pub fn fetch_hf(net: &Net, f: &HfFile) -> Result<PathBuf> {
         .context("cannot set up the Hugging Face client")?;
     let url = api.repo(repo.clone()).url(&file.join("/"));
     // hf-hub 0.4 reads the token file only; honour HF_TOKEN as huggingface_hub does
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| cache.token());
+    let token = net.hf_token.clone().or_else(|| cache.token());
     let meta = match hf_meta(net, &url, token.as_deref()) {
         Ok(m) => m,
         Err(e) if !e.is::<Unreachable>() => return Err(e.context(f.file.clone())),

@@ -1,9 +1,11 @@
-//! `cargo xtask fetch-data`: models and datasets into the `data/` layout of docs/DATA.md.
+//! Models and datasets into the `data/` layout of docs/DATA.md (`cargo xtask fetch-data` is
+//! its command line).
 //!
-//! Sources are listed in `xtask/sources.json` (docs/SOURCES.md says what each gives and its
-//! licence). Hugging Face files land in hf-hub's cache (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`);
-//! the annotation files and HarMA's released checkpoints come from GitHub
-//! (`HARMA_GITHUB_RAW` and `HARMA_GITHUB_API` override the hosts, for mirrors and tests).
+//! Sources are listed in `sources.json` beside this crate (docs/SOURCES.md says what each gives
+//! and its licence). Hugging Face files land in hf-hub's cache (`HF_HOME`, `HF_ENDPOINT`, read
+//! by hf-hub; the token in [`Net`]); the annotation files and HarMA's released checkpoints come
+//! from GitHub (the hosts in [`Net`], which `xtask` reads from `HARMA_GITHUB_RAW` and
+//! `HARMA_GITHUB_API`, for mirrors and tests).
 //! Every download resumes, and is checked (its size, the sha256 pinned in `sources.json` or
 //! announced by the Hub or GitHub) before it is renamed into place (`download`). Every name
 //! that becomes a path (annotation images, asset names, archive members) is joined through
@@ -11,71 +13,26 @@
 //! (only the members its annotations name, within size limits: `archive`), and the dataset
 //! is marked complete only once every image is in place.
 
+#![forbid(unsafe_code)]
+
 mod archive;
 mod download;
 mod names;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-#[allow(unused_imports)] // public entry points for other xtask commands
-pub use archive::{parse_bytes, Limits};
-#[allow(unused_imports)]
+pub use archive::{parse_bytes, Limits, DEFAULT_MAX_MEMBER, DEFAULT_MAX_TOTAL};
 pub use download::{verify, Expect, Net};
 pub use names::safe_join;
 
-use archive::{Archive, TempDir, DEFAULT_MAX_MEMBER, DEFAULT_MAX_TOTAL};
+use archive::{Archive, TempDir};
 use download::{download, fetch_hf, release_assets};
 
 /// Annotation files are a few MB; a larger download is refused (its JSON is read whole).
 const MAX_ANNOTATION_BYTES: u64 = 64 << 20;
-
-#[derive(Debug, clap::Args)]
-#[command(after_help = "\
-Examples:
-  cargo xtask fetch-data                                # RSITMD and GeoRSCLIP RET-2 (what the main job needs)
-  cargo xtask fetch-data --dataset all --model none     # both datasets, no weights
-  cargo xtask fetch-data --list                         # what is known and what is in place
-
-Reruns skip what is complete and resume what is not. Every file is checked (size, and the sha256
-pinned in xtask/sources.json or announced by the Hub or GitHub) before it is renamed into place.
-Images are unpacked only if the annotations name them, each within --max-image-size and all
-within --max-unpacked-size; nothing is ever written outside --data-dir (and the Hugging Face
-cache, HF_HOME).")]
-pub struct Args {
-    /// Datasets: rsitmd, rsicd, all or none [default: rsitmd, with the default model]
-    #[arg(long, value_delimiter = ',')]
-    dataset: Vec<String>,
-    /// Models: georsclip, georsclip-ret2, remoteclip, laion, openai, harma-rsitmd, harma-rsicd,
-    /// all or none [default: georsclip-ret2]
-    #[arg(long, value_delimiter = ',')]
-    model: Vec<String>,
-    /// List the sources and what is already in place, and download nothing
-    #[arg(long)]
-    list: bool,
-    /// Root of the data layout
-    #[arg(long, value_name = "DIR", default_value = "data")]
-    data_dir: PathBuf,
-    /// Largest file an archive may unpack to, declared or actual (K, M, G suffixes)
-    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MAX_MEMBER, value_parser = parse_bytes)]
-    max_image_size: u64,
-    /// Largest total an archive may unpack to
-    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MAX_TOTAL, value_parser = parse_bytes)]
-    max_unpacked_size: u64,
-    /// Seconds a connection may stay silent before it counts as broken (and is resumed)
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    timeout: u64,
-    /// Take a file of which neither a size nor a checksum is known (nothing can check it);
-    /// refused without this
-    #[arg(long)]
-    allow_unverified: bool,
-    /// Another sources file (tests, mirrors)
-    #[arg(long, value_name = "FILE", hide = true)]
-    sources: Option<PathBuf>,
-}
 
 #[derive(Debug, Deserialize)]
 pub struct Sources {
@@ -164,8 +121,8 @@ impl Sources {
                 p.display().to_string(),
             ),
             None => (
-                include_str!("../../sources.json").to_string(),
-                "xtask/sources.json".into(),
+                include_str!("../sources.json").to_string(),
+                "crates/harma-fetch/sources.json".into(),
             ),
         };
         let s: Self = serde_json::from_str(&text).with_context(|| format!("{from}: not valid"))?;
@@ -205,16 +162,28 @@ impl Sources {
     }
 }
 
+/// Every file under `dir`, relative to it, sorted (links are listed, not followed): what a
+/// test compares before and after a run to prove nothing was written elsewhere.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// A file in place that fails its check: say how to get it again.
 fn remove_hint(e: anyhow::Error) -> anyhow::Error {
     anyhow::anyhow!("{e:#}; remove it to download it again")
-}
-
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key)
-        .unwrap_or_else(|_| default.to_string())
-        .trim_end_matches('/')
-        .to_string()
 }
 
 /// Put `src` at `dest` by a hard link or a copy to a temp name, then a rename; the temp file
@@ -293,7 +262,7 @@ pub fn fetch_dataset(
         println!("{name}: complete ({})", dir.display());
         return Ok(());
     }
-    let raw = env_or("HARMA_GITHUB_RAW", "https://raw.githubusercontent.com");
+    let raw = &net.github_raw;
     let a = &src.annotations;
     for (file, f) in &a.files {
         let dest = safe_join(&dir, Path::new(file))?;
@@ -396,7 +365,7 @@ pub fn fetch_model(net: &Net, name: &str, src: &ModelSource, data: &Path) -> Res
         println!("{name}: in place ({})", placed.join(", "));
         return Ok(());
     }
-    let api = env_or("HARMA_GITHUB_API", "https://api.github.com");
+    let api = &net.github_api;
     let url = format!("{api}/repos/{}/releases/tags/{}", rel.repo, rel.tag);
     let assets = release_assets(net, &url, &rel.prefix)?;
     if assets.is_empty() {
@@ -432,7 +401,11 @@ pub fn fetch_model(net: &Net, name: &str, src: &ModelSource, data: &Path) -> Res
     Ok(())
 }
 
-fn select<'a>(asked: &'a [String], all: Vec<&'a String>, what: &str) -> Result<Vec<&'a String>> {
+pub fn select<'a>(
+    asked: &'a [String],
+    all: Vec<&'a String>,
+    what: &str,
+) -> Result<Vec<&'a String>> {
     let mut out = Vec::new();
     for a in asked {
         match a.as_str() {
@@ -453,78 +426,6 @@ fn select<'a>(asked: &'a [String], all: Vec<&'a String>, what: &str) -> Result<V
     out.sort();
     out.dedup();
     Ok(out)
-}
-
-pub fn run(args: &Args) -> Result<()> {
-    let sources = Sources::load(args.sources.as_deref())?;
-    let data = &args.data_dir;
-    if args.list {
-        for (name, m) in &sources.models {
-            let from = match (&m.hf, &m.github_release) {
-                (Some(h), _) => format!("hf {}/{}", h.repo, h.file),
-                (None, Some(r)) => format!("github {} release {} ({}*)", r.repo, r.tag, r.prefix),
-                _ => "-".into(),
-            };
-            let here = if safe_join(data, Path::new(&m.dest)).is_ok_and(|p| p.exists()) {
-                "in place"
-            } else {
-                "missing"
-            };
-            println!("model   {name:<16} {here:<9} {from}  [{}]", m.licence);
-        }
-        for (name, d) in &sources.datasets {
-            let here =
-                if safe_join(data, Path::new(name)).is_ok_and(|p| p.join(".complete").exists()) {
-                    "complete"
-                } else {
-                    "missing"
-                };
-            println!(
-                "dataset {name:<16} {here:<9} annotations github {}, images hf {}/{}  [{}]",
-                d.annotations.github, d.images.hf.repo, d.images.hf.file, d.licence
-            );
-        }
-        return Ok(());
-    }
-    let defaults = args.dataset.is_empty() && args.model.is_empty();
-    let ds_asked = if defaults {
-        vec!["rsitmd".to_string()]
-    } else {
-        args.dataset.clone()
-    };
-    let m_asked = if defaults {
-        vec!["georsclip-ret2".to_string()]
-    } else {
-        args.model.clone()
-    };
-    let datasets = select(&ds_asked, sources.datasets.keys().collect(), "dataset")?;
-    let models = select(&m_asked, sources.models.keys().collect(), "model")?;
-    let mut net = Net::new(Duration::from_secs(args.timeout.max(1)));
-    net.allow_unverified = args.allow_unverified;
-    let limits = Limits {
-        max_member: args.max_image_size,
-        max_total: args.max_unpacked_size,
-    };
-    let mut failed = Vec::new();
-    for name in models {
-        if let Err(e) = fetch_model(&net, name, &sources.models[name], data) {
-            eprintln!("error: {e:#}");
-            failed.push(name.clone());
-        }
-    }
-    for name in datasets {
-        if let Err(e) = fetch_dataset(&net, name, &sources.datasets[name], data, &limits) {
-            eprintln!("error: {e:#}");
-            failed.push(name.clone());
-        }
-    }
-    if !failed.is_empty() {
-        bail!(
-            "not fetched: {}; what finished is kept, run the command again to resume",
-            failed.join(", ")
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -554,7 +455,7 @@ mod tests {
         // the annotation checksums are those of the files we ship
         let test = &s.datasets["rsitmd"].annotations.files["test.json"];
         let ours =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/annotations/rsitmd_test.json");
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/annotations/rsitmd_test.json");
         assert_eq!(
             harma_data::sha256_file(&ours).unwrap(),
             test.sha256.clone().unwrap()
@@ -564,7 +465,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let bad = dir.join("s.json");
         let text =
-            include_str!("../../sources.json").replacen(&test.sha256.clone().unwrap(), "c154", 1);
+            include_str!("../sources.json").replacen(&test.sha256.clone().unwrap(), "c154", 1);
         std::fs::write(&bad, text).unwrap();
         let err = format!("{:#}", Sources::load(Some(&bad)).unwrap_err());
         assert!(

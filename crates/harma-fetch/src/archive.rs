@@ -294,14 +294,12 @@ impl<'a> Archive<'a> {
         Ok(out)
     }
 
-    /// Unpack `plan` (a member, and every place it goes) through the temp folder `tmp` (on
-    /// the destinations' file system), within `limits`. Every planned member must be a
-    /// regular file.
-    pub fn extract(
+    /// Refuse the plan before unpacking anything: a member to unpack that is not a regular
+    /// file, or that declares more than the limits allow (alone or with the others).
+    fn check_declared(
         &self,
         members: &[Member],
         plan: &[(usize, Vec<PathBuf>)],
-        tmp: &Path,
         limits: &Limits,
     ) -> Result<()> {
         let mut declared = 0u64;
@@ -336,6 +334,20 @@ impl<'a> Archive<'a> {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Unpack `plan` (a member, and every place it goes) through the temp folder `tmp` (on
+    /// the destinations' file system), within `limits`. Every planned member must be a
+    /// regular file.
+    pub fn extract(
+        &self,
+        members: &[Member],
+        plan: &[(usize, Vec<PathBuf>)],
+        tmp: &Path,
+        limits: &Limits,
+    ) -> Result<()> {
+        self.check_declared(members, plan, limits)?;
         let mut order: Vec<&(usize, Vec<PathBuf>)> = plan.iter().collect();
         order.sort_by_key(|(m, _)| members[*m].index);
         let mut total = 0u64;
@@ -565,6 +577,7 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files_under;
     use std::io::Write;
 
     #[test]
@@ -631,32 +644,19 @@ mod tests {
         path
     }
 
-    /// Every file under `dir`, relative to it.
-    fn files_under(dir: &Path) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push(p.strip_prefix(dir).unwrap().display().to_string());
-                }
-            }
-        }
-        out.sort();
-        out
+    /// A fresh `root` for one test: archives are written into `root/in`, the output into
+    /// `root/out` (after each case, `root/out` must hold only what that case unpacked).
+    fn test_root(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!("harma-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&root).ok();
+        let (inp, out) = (root.join("in"), root.join("out"));
+        std::fs::create_dir_all(&inp).unwrap();
+        (root, inp, out)
     }
 
     #[test]
-    fn archives_unpack_inside_and_refuse_to_escape() {
-        let root = std::env::temp_dir().join(format!("harma-unpack-{}", std::process::id()));
-        std::fs::remove_dir_all(&root).ok();
-        // the archives are written into `root/in`, the output into `root/out`: after each
-        // case, `root/out` must hold only what that case unpacked
-        let (inp, out) = (root.join("in"), root.join("out"));
-        std::fs::create_dir_all(&inp).unwrap();
+    fn zip_members_unpack_inside_and_escapes_are_refused() {
+        let (root, inp, out) = test_root("unpack-zip");
         let good = zip_with(
             &inp,
             "good.zip",
@@ -703,6 +703,12 @@ mod tests {
             assert_eq!(files_under(&out), ["ok/a/b.tif", "ok/c.txt"], "{i}");
         }
 
+        std::fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn tar_members_unpack_inside_and_escapes_are_refused() {
+        let (root, inp, out) = test_root("unpack-tar");
         let r = tar::EntryType::Regular;
         let t = tar_with(
             &inp,
@@ -744,6 +750,12 @@ mod tests {
             .to_string();
         assert!(err.contains("not a .zip"), "{err}");
 
+        std::fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn members_over_the_limits_are_refused_declared_or_actual() {
+        let (root, inp, out) = test_root("unpack-limits");
         // limits: a member over the per-file limit, declared or actual, and over the total
         let zeros = vec![0u8; 1 << 20];
         let bomb = zip_with(&inp, "bomb.zip", &[("big.bin", &zeros)], None);
