@@ -109,7 +109,7 @@ harma_settings::settings! {
     pub struct LoadSettings {
         /// The most pixels an image may have [default: 178956970, twice Pillow's
         /// MAX_IMAGE_PIXELS]; a file declaring more is refused from its header, before
-        /// anything is decoded (a decompression bomb). Also read from HARMA_MAX_IMAGE_PIXELS
+        /// anything is decoded (a decompression bomb)
         #[setting(value_name("N"), env("HARMA_MAX_IMAGE_PIXELS"))]
         pub max_image_pixels: Option<u64> = None,
     }

@@ -310,7 +310,7 @@ harma_settings::settings! {
         /// Intel Cooper Lake and later); other CPUs compute the same products at f32 speed
         pub precision: Precision = Precision::F32,
         /// The CPU kernel of bf16 products [default: the fastest this CPU has] (for tests and
-        /// A/B measurements; also read from HARMA_BF16_KERNEL, and HARMA_AMX=0 leaves AMX out)
+        /// A/B measurements; HARMA_AMX=0 leaves AMX out of the default)
         #[setting(value_name("KERNEL"), env("HARMA_BF16_KERNEL"))]
         pub bf16_kernel: Option<Bf16Kernel> = None,
     }

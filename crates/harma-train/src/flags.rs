@@ -59,9 +59,11 @@ pub fn augment<T: Settings>(mut cmd: Command) -> Command {
                 let mut arg = arg
                     .action(ArgAction::Set)
                     .value_parser(move |v: &str| parse(v));
-                if !s.value_name.is_empty() {
-                    arg = arg.value_name(s.value_name);
-                }
+                arg = if s.value_name.is_empty() {
+                    arg.value_name(s.key.to_uppercase())
+                } else {
+                    arg.value_name(s.value_name)
+                };
                 if !s.choices.is_empty() {
                     arg = arg.value_parser(possible_values(s.choices).map(toml::Value::String));
                 }
