@@ -25,6 +25,9 @@ VOLATILE_TEXT = [
     (re.compile(r"\| pairs/s \(training\) \|[^\n]*"), "| pairs/s (training) | <speed>"),
     (re.compile(r"(<td>pairs/s \(training\)</td>)(<td>[^<]*</td>)+"), r"\1<speed>"),
     (re.compile(r'"mtime_ns": ?\d+'), '"mtime_ns": <time>'),
+    # an evaluation page's "part | seconds" rows
+    (re.compile(r"\| ([a-z (),]+) \| \d+\.\d+ \|"), r"| \1 | <seconds> |"),
+    (re.compile(r"<td>([a-z (),]+)</td><td>\d+\.\d+</td>"), r"<td>\1</td><td><seconds></td>"),
 ]
 
 

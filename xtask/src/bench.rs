@@ -225,7 +225,7 @@ fn metrics_seconds(n_img: usize) -> Result<f64> {
 /// captions), with the random ViT-B/32: seconds of decoding (busy), embedding (busy), the image
 /// side (overlapped), captions and metrics.
 fn eval_rsitmd_sized(model: &Clip, batch: usize) -> Result<serde_json::Value> {
-    use harma_data::synth::{write_dataset, SynthSizes};
+    use harma_train::synth::{write_dataset, SynthSizes};
     let dir = std::env::temp_dir().join(format!("harma-bench-eval-{}", std::process::id()));
     let sizes = SynthSizes {
         train: 0,

@@ -126,7 +126,7 @@ fn build_vs_embed(args: &Args, net: &ModelArgs, work: &Path) -> Result<serde_jso
     let mut rng = Rng::new(5);
     let mut files = Vec::new();
     for i in 0..args.images {
-        let scene = harma_data::synth::Scene::random(&mut rng);
+        let scene = harma_train::synth::Scene::random(&mut rng);
         let img = scene.render(256, &mut rng);
         let p = small.join(format!("{i:05}.png"));
         image::RgbImage::from_raw(256, 256, img.data)
@@ -139,7 +139,7 @@ fn build_vs_embed(args: &Args, net: &ModelArgs, work: &Path) -> Result<serde_jso
     for i in 0..n_large {
         let mut mosaic = image::RgbImage::new(1024, 1024);
         for t in 0..16 {
-            let scene = harma_data::synth::Scene::random(&mut rng);
+            let scene = harma_train::synth::Scene::random(&mut rng);
             let img = scene.render(256, &mut rng);
             let tile = image::RgbImage::from_raw(256, 256, img.data).context("scene size")?;
             image::imageops::replace(&mut mosaic, &tile, (t % 4) * 256, (t / 4) * 256);

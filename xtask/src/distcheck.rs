@@ -114,14 +114,14 @@ pub fn run(args: &Args) -> Result<()> {
             .with_context(|| format!("cannot replace {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
-    let sizes = harma_data::synth::SynthSizes {
+    let sizes = harma_train::synth::SynthSizes {
         train: 24,
         val: 0,
         test: 0,
         size: 64,
         ext: "png",
     };
-    harma_data::synth::write_dataset(&dir.join("data"), sizes, 3)?;
+    harma_train::synth::write_dataset(&dir.join("data"), sizes, 3)?;
     let (model, arch) = tiny_model(dir)?;
     let batch = 4 * nproc;
     let common: Vec<String> = [

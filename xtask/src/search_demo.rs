@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use harma_clip::{Activation, ClipConfig};
-use harma_data::raster::{write_geotiff, GeoRef};
 use harma_data::rng::Rng;
 use harma_data::RgbImage;
+use harma_raster::{write_geotiff, GeoRef};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,7 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
         &model,
     )?;
     for i in 0..args.images {
-        let img = harma_data::synth::Scene::random(&mut rng).render(256, &mut rng);
+        let img = harma_train::synth::Scene::random(&mut rng).render(256, &mut rng);
         image::RgbImage::from_raw(256, 256, img.data)
             .context("scene size")?
             .save(images.join(format!("scenes/scene-{i:03}.png")))?;
@@ -47,7 +47,7 @@ pub fn run(args: &Args) -> Result<()> {
         data: vec![0; 1024 * 1024 * 3],
     };
     for t in 0..16 {
-        let img = harma_data::synth::Scene::random(&mut rng).render(256, &mut rng);
+        let img = harma_train::synth::Scene::random(&mut rng).render(256, &mut rng);
         let (x0, y0) = ((t % 4) * 256, (t / 4) * 256);
         for y in 0..256 {
             let dst = ((y0 + y) * 1024 + x0) * 3;

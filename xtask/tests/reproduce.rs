@@ -27,14 +27,14 @@ fn temp_dir(name: &str) -> PathBuf {
 /// list pointing at them.
 fn stand_ins(dir: &Path) -> (HashMap<String, Vec<u8>>, serde_json::Value) {
     let gen = dir.join("gen");
-    let sizes = harma_data::synth::SynthSizes {
+    let sizes = harma_train::synth::SynthSizes {
         train: 32,
         val: 8,
         test: 8,
         size: 64,
         ext: "png",
     };
-    harma_data::synth::write_dataset(&gen, sizes, 11).unwrap();
+    harma_train::synth::write_dataset(&gen, sizes, 11).unwrap();
     let mut files = HashMap::new();
     let mut ann = serde_json::Map::new();
     for split in ["train", "val", "test"] {

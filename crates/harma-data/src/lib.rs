@@ -10,10 +10,8 @@ pub mod batcher;
 pub mod caption;
 pub mod image;
 pub mod pipeline;
-pub mod raster;
 pub mod rng;
 pub mod sampler;
-pub mod synth;
 
 pub use crate::caption::clean_caption;
 pub use crate::image::{

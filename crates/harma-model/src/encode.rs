@@ -90,11 +90,11 @@ impl Encoder<'_> {
     }
 
     /// [`Encoder::images`] with `bands` picked from multi-band rasters
-    /// (harma_data::raster::load_raster), the whole image resized as one tile.
+    /// (harma_raster::load_raster), the whole image resized as one tile.
     pub fn images_bands(
         &self,
         files: &[PathBuf],
-        bands: Option<&harma_data::raster::Bands>,
+        bands: Option<&harma_raster::Bands>,
         pb: &ProgressBar,
     ) -> Result<(Tensor, Busy)> {
         let size = self.model.config.vision.image_size;
@@ -113,8 +113,8 @@ impl Encoder<'_> {
                     .par_iter()
                     .map(|p| match bands {
                         None => harma_data::preprocess_eval(p, size, self.limits),
-                        Some(b) => harma_data::raster::load_raster(p, Some(b), self.limits)
-                            .map(|img| harma_data::raster::preprocess_whole(&img, size)),
+                        Some(b) => harma_raster::load_raster(p, Some(b), self.limits)
+                            .map(|img| harma_raster::preprocess_whole(&img, size)),
                     })
                     .collect::<std::result::Result<Vec<Vec<f32>>, _>>()?;
                 let ns = t.elapsed().as_nanos() as u64;

@@ -151,7 +151,7 @@ pub fn geojson(results: &[Ranked]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use harma_data::raster::Tile;
+    use harma_raster::Tile;
 
     fn r(rank: usize, bbox: Option<[f64; 4]>, epsg: Option<u32>) -> Ranked {
         Ranked {

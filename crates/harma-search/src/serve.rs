@@ -33,9 +33,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use harma_data::raster::{crop, load_raster, Bands};
 use harma_data::LoadLimits;
 use harma_data::{resize_bicubic, RgbImage};
+use harma_raster::{crop, load_raster, Bands};
 use http_body_util::Full;
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harma_data::raster::{crop, tile_grid, Tile};
 use harma_data::RgbImage;
+use harma_raster::{crop, tile_grid, Tile};
 use harma_search::serve::{self, App, ServeConfig};
 use harma_search::store::{FileId, FileUpdate, Found, NewTile, Settings};
 use harma_search::{Index, Writer};

@@ -1,14 +1,14 @@
 //! The offline demo, `harma` with no arguments when no dataset has been fetched: a generated
-//! remote-sensing-like set (harma_data::synth), a small CLIP with random frozen weights, its
+//! remote-sensing-like set (`synth`), a small CLIP with random frozen weights, its
 //! zero-shot retrieval, HarMA's adapters trained for a couple of minutes with validation, and
 //! zero-shot vs trained on the test split. Needs no network and no downloaded file.
 
 use std::path::PathBuf;
 
+use crate::synth::{write_dataset, SynthSizes};
 use anyhow::{Context, Result};
 use harma_clip::ClipConfig;
 use harma_data::rng::Rng;
-use harma_data::synth::{write_dataset, SynthSizes};
 use harma_metrics::RetrievalMetrics;
 
 use harma_kernels::compute::ComputeSettings;

@@ -29,7 +29,7 @@ pub struct Args {
     /// --bands`. Samples wider than 8 bits are stretched per band from their 2nd to 98th
     /// percentile
     #[arg(long, value_name = "R,G,B")]
-    pub bands: Option<harma_data::raster::Bands>,
+    pub bands: Option<harma_raster::Bands>,
     /// Images or captions per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,

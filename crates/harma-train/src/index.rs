@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use harma_data::raster::{load_raster, preprocess_tile, read_georef, tile_grid, Bands, Tile};
 use harma_data::{LoadLimits, RgbImage};
+use harma_raster::{load_raster, preprocess_tile, read_georef, tile_grid, Bands, Tile};
 use harma_search::store::{FileId, FileUpdate, NewTile, Pending, Settings};
 use harma_search::{Index, Writer};
 

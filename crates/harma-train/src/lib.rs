@@ -17,4 +17,5 @@ pub mod index;
 pub mod model;
 pub mod report;
 pub mod search;
+pub mod synth;
 pub mod train;

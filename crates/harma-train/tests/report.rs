@@ -21,14 +21,14 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// Generated scenes (24 train, 8 val, 8 test) and a tiny QuickGELU CLIP with random weights.
 fn setup(dir: &Path) -> PathBuf {
-    let sizes = harma_data::synth::SynthSizes {
+    let sizes = harma_train::synth::SynthSizes {
         train: 24,
         val: 8,
         test: 8,
         size: 64,
         ext: "png",
     };
-    harma_data::synth::write_dataset(&dir.join("data"), sizes, 5).unwrap();
+    harma_train::synth::write_dataset(&dir.join("data"), sizes, 5).unwrap();
     let clip = harma_clip::ClipConfig::tiny(harma_clip::Activation::QuickGelu);
     let mut rng = harma_data::rng::Rng::new(9);
     let model = dir.join("model.safetensors");

@@ -53,11 +53,11 @@ fn write_model(path: &Path, seed: u64) {
 /// An RGB scene (pixel values from a seed) as a PNG.
 fn write_png(path: &Path, w: u32, h: u32, seed: u64) {
     let mut rng = Rng::new(seed);
-    let scene = harma_data::synth::Scene::random(&mut rng);
+    let scene = harma_train::synth::Scene::random(&mut rng);
     let img = scene.render(w.max(h) as usize, &mut rng);
-    let cut = harma_data::raster::crop(
+    let cut = harma_raster::crop(
         &img,
-        &harma_data::raster::Tile {
+        &harma_raster::Tile {
             x: 0,
             y: 0,
             w: w as usize,
@@ -75,10 +75,10 @@ fn write_png(path: &Path, w: u32, h: u32, seed: u64) {
 /// (500000, 4000000).
 fn write_geotiff(path: &Path) {
     let mut rng = Rng::new(11);
-    let img = harma_data::synth::Scene::random(&mut rng).render(300, &mut rng);
-    let img = harma_data::raster::crop(
+    let img = harma_train::synth::Scene::random(&mut rng).render(300, &mut rng);
+    let img = harma_raster::crop(
         &img,
-        &harma_data::raster::Tile {
+        &harma_raster::Tile {
             x: 0,
             y: 0,
             w: 300,
@@ -86,14 +86,14 @@ fn write_geotiff(path: &Path) {
             edge: 0,
         },
     );
-    let geo = harma_data::raster::GeoRef {
+    let geo = harma_raster::GeoRef {
         epsg: Some(32633),
         x0: 500000.0,
         dx: 10.0,
         y0: 4000000.0,
         dy: -10.0,
     };
-    harma_data::raster::write_geotiff(path, &img, &geo).unwrap();
+    harma_raster::write_geotiff(path, &img, &geo).unwrap();
 }
 
 struct Setup {

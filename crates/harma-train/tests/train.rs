@@ -475,16 +475,12 @@ fn the_command_writes_config_log_and_adapters() -> Result<()> {
     let json = dir.join("train.json");
     let text = std::fs::read_to_string(&json)?.replace("blue.png", "blue.tif");
     std::fs::write(&json, text)?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harma"))
-        .args(["train", "--train-json", json.to_str().unwrap()])
-        .args([
-            "--image-root",
-            &a.get("--image-root"),
-            "--init",
-            &a.get("--init"),
-        ])
-        .args(["--batch-size", "4", "--steps", "1", "--lr", "1e-4", "--out"])
-        .arg(dir.join("other"))
+    let other = a
+        .clone()
+        .set("--train-json", json.display())
+        .set("--out", dir.join("other").display());
+    let out = train_command(&other)
+        .args(["--batch-size", "4", "--steps", "1", "--lr", "1e-4"])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

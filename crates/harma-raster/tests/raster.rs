@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use harma_data::raster::{
+use harma_data::LoadLimits;
+use harma_raster::{
     load_raster, read_georef, tile_grid, Bands, GeoRef, Tile, EDGE_BOTTOM, EDGE_RIGHT,
 };
-use harma_data::LoadLimits;
 use tiff::encoder::colortype::{self, ColorType};
 use tiff::encoder::TiffEncoder;
 use tiff::tags::{PhotometricInterpretation, SampleFormat, Tag};
@@ -241,7 +241,7 @@ fn geotiff_boxes_match_hand_computed_values() {
     for geo in [g, gt] {
         let w = dir.join("written.tif");
         let img = load_raster(&p, None, LoadLimits::default()).unwrap();
-        harma_data::raster::write_geotiff(&w, &img, &geo).unwrap();
+        harma_raster::write_geotiff(&w, &img, &geo).unwrap();
         assert_eq!(read_georef(&w).unwrap(), Some(geo));
         assert_eq!(load_raster(&w, None, LoadLimits::default()).unwrap(), img);
     }
@@ -369,7 +369,7 @@ fn bands_are_picked_and_wide_samples_stretched() {
 /// box rather than an infinite one (which became GeoJSON polygons of nulls).
 #[test]
 fn a_box_that_overflows_is_no_box() {
-    let g = harma_data::raster::GeoRef {
+    let g = harma_raster::GeoRef {
         epsg: Some(32633),
         x0: 0.0,
         dx: 1e306,

@@ -7,9 +7,8 @@
 
 use std::path::Path;
 
-use crate::image::RgbImage;
-use crate::rng::Rng;
-use crate::{Error, Result};
+use harma_data::rng::Rng;
+use harma_data::{Error, Result, RgbImage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ground {

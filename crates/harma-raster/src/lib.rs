@@ -2,12 +2,14 @@
 //! ModelTiepoint + ModelPixelScale, or ModelTransformation without rotation; the EPSG code from
 //! the GeoKeys), and band selection for multi-band rasters (`--bands 3,2,1`).
 //!
-//! Decoding and resizing are [`crate::image`]'s: a file read without `--bands` gives the bytes
+//! Decoding and resizing are [`harma_data::image`]'s: a file read without `--bands` gives the bytes
 //! `harma embed` sees. With `--bands`, TIFFs are read by the `tiff` crate (any number of bands,
 //! 8 to 64 bits, integer or float, chunky or planar) and the chosen bands are picked; samples
 //! wider than 8 bits are stretched per band from their 2nd to their 98th percentile over the
 //! whole raster (the stretch GIS viewers show by default), so every tile of a raster shares
 //! one mapping. The GeoTIFF tags follow the GeoTIFF 1.1 standard (OGC 19-008r4).
+
+#![forbid(unsafe_code)]
 
 use std::io::BufReader;
 use std::path::Path;
@@ -15,8 +17,8 @@ use std::path::Path;
 use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
-use crate::image::{load_rgb8_with, normalize_chw, resize_bicubic, LoadLimits, RgbImage};
-use crate::{Error, Result};
+use harma_data::image::{load_rgb8_with, normalize_chw, resize_bicubic, LoadLimits, RgbImage};
+use harma_data::{Error, Result};
 
 /// The largest raster (decoded samples, in bytes) read for band selection: 2 GiB. Cut larger
 /// rasters first (for example `gdal_translate -srcwin`, or `gdal_retile.py`).
@@ -154,7 +156,7 @@ pub fn preprocess_tile(img: &RgbImage, t: &Tile, size: usize) -> Vec<f32> {
 }
 
 /// A whole image as the model sees it: resized to `size` x `size`, normalised (what
-/// [`crate::preprocess_eval`] does after decoding).
+/// [`harma_data::preprocess_eval`] does after decoding).
 pub fn preprocess_whole(img: &RgbImage, size: usize) -> Vec<f32> {
     normalize_chw(&resize_bicubic(img, size, size))
 }
@@ -334,7 +336,7 @@ pub fn write_geotiff(path: &Path, img: &RgbImage, geo: &GeoRef) -> Result<()> {
 }
 
 /// Decode a raster to 8-bit RGB: without `bands`, exactly as `harma embed` reads the file
-/// ([`crate::load_rgb8`]); with them, the chosen bands (see the module's text). Within
+/// ([`harma_data::load_rgb8`]); with them, the chosen bands (see the module's text). Within
 /// `limits` either way.
 pub fn load_raster(path: &Path, bands: Option<&Bands>, limits: LoadLimits) -> Result<RgbImage> {
     match bands {
