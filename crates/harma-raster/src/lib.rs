@@ -3,8 +3,11 @@
 //! the GeoKeys), and band selection for multi-band rasters (`--bands 3,2,1`).
 //!
 //! Decoding and resizing are [`harma_data::image`]'s: a file read without `--bands` gives the bytes
-//! `harma embed` sees. With `--bands`, TIFFs are read by the `tiff` crate (any number of bands,
-//! 8 to 64 bits, integer or float, chunky or planar) and the chosen bands are picked; samples
+//! `harma embed` sees. `--bands` applies to rasters whose layout needs it ([`bands_apply`]: TIFFs
+//! of more bands than colours, or wider than 8 bits); an 8-bit grey or RGB(A) image, and every
+//! PNG, JPEG, BMP or WebP, is read as RGB whatever it says. Those rasters are read by the `tiff`
+//! crate (any number of bands, 8 to 64 bits, integer or float, chunky or planar) and the chosen
+//! bands are picked; samples
 //! wider than 8 bits are stretched per band from their 2nd to their 98th percentile over the
 //! whole raster (the stretch GIS viewers show by default), so every tile of a raster shares
 //! one mapping. The GeoTIFF tags follow the GeoTIFF 1.1 standard (OGC 19-008r4).
@@ -335,12 +338,13 @@ pub fn write_geotiff(path: &Path, img: &RgbImage, geo: &GeoRef) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Decode a raster to 8-bit RGB: without `bands`, exactly as `harma embed` reads the file
-/// ([`harma_data::load_rgb8`]); with them, the chosen bands (see the module's text). Within
-/// `limits` either way.
+/// Decode a raster to 8-bit RGB: exactly as `harma embed` reads the file
+/// ([`harma_data::load_rgb8`]) unless `bands` are given and [`bands_apply`] to it, then the
+/// chosen bands (see the module's text). Within `limits` either way.
 pub fn load_raster(path: &Path, bands: Option<&Bands>, limits: LoadLimits) -> Result<RgbImage> {
     match bands {
-        None => load_rgb8_with(path, limits).map_err(|e| match e {
+        Some(b) if bands_apply(path) => load_tiff_bands(path, b),
+        _ => load_rgb8_with(path, limits).map_err(|e| match e {
             // a TIFF of many bands: say how to read it
             Error::Image { .. } if is_tiff(path) => match tiff_band_count(path) {
                 Some(n) if n > 4 => err(
@@ -351,21 +355,51 @@ pub fn load_raster(path: &Path, bands: Option<&Bands>, limits: LoadLimits) -> Re
             },
             e => e,
         }),
-        Some(b) if is_tiff(path) => load_tiff_bands(path, b),
-        Some(b) => {
-            // other formats decode to RGB: the bands are its channels
-            let img = load_rgb8_with(path, limits)?;
-            if let Some(&bad) = b.0.iter().find(|&&n| n > 3) {
-                return Err(err(
-                    path,
-                    format!("has 3 bands, --bands asks for band {bad}"),
-                ));
-            }
-            Ok(pick(img.width, img.height, b, |band, i| {
-                img.data[i * 3 + band]
-            }))
-        }
     }
+}
+
+/// TIFF's PhotometricInterpretation values that mean grey (WhiteIsZero, BlackIsZero), RGB and
+/// a palette; and its ExtraSamples values that mean alpha (associated, unassociated).
+const GREY: [u16; 2] = [0, 1];
+const RGB: u16 = 2;
+const PALETTE: u16 = 3;
+const ALPHA: [u16; 2] = [1, 2];
+
+/// Whether `--bands` applies to a file: to a raster whose band layout needs choosing, a TIFF
+/// whose samples are wider than 8 bits, or that holds more than its colours (more than three
+/// samples, or samples that are not marked as an RGB or grey image with at most an alpha
+/// channel: a multispectral 3- or 4-band TIFF applies them). An 8-bit grey, RGB or palette
+/// image, with or without alpha, is read as RGB whatever `--bands` says, and so is every PNG,
+/// JPEG, BMP and WebP: the photos of a mixed folder keep their colours (and their scores).
+pub fn bands_apply(path: &Path) -> bool {
+    if !is_tiff(path) {
+        return false;
+    }
+    let Ok(mut d) = open_tiff(path) else {
+        // unreadable: the band reader says why
+        return true;
+    };
+    let mut tag = |t: Tag| -> Vec<u16> {
+        d.find_tag(t)
+            .ok()
+            .flatten()
+            .and_then(|v| v.into_u16_vec().ok())
+            .unwrap_or_default()
+    };
+    let samples = tag(Tag::SamplesPerPixel).first().copied().unwrap_or(1);
+    let bits = tag(Tag::BitsPerSample);
+    let photometric = tag(Tag::PhotometricInterpretation).first().copied();
+    let extra = tag(Tag::ExtraSamples);
+    let eight_bit = !bits.is_empty() && bits.iter().all(|&b| b == 8);
+    let alpha_only = extra.iter().all(|e| ALPHA.contains(e));
+    let colours = match photometric {
+        Some(RGB) => 3,
+        Some(p) if GREY.contains(&p) || p == PALETTE => 1,
+        _ => return true,
+    };
+    let plain =
+        eight_bit && alpha_only && extra.len() <= 1 && samples == colours + extra.len() as u16;
+    !plain
 }
 
 /// The number of samples per pixel of a TIFF, if it can be read.

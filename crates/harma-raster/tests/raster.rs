@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use harma_data::LoadLimits;
 use harma_raster::{
-    load_raster, read_georef, tile_grid, Bands, GeoRef, Tile, EDGE_BOTTOM, EDGE_RIGHT,
+    bands_apply, load_raster, read_georef, tile_grid, Bands, GeoRef, Tile, EDGE_BOTTOM, EDGE_RIGHT,
 };
 use tiff::encoder::colortype::{self, ColorType};
 use tiff::encoder::TiffEncoder;
@@ -276,6 +276,92 @@ impl ColorType for Bands5U8 {
     }
 }
 
+/// Three-band 8-bit marked grey (BlackIsZero): a multispectral export, not an RGB photo.
+struct Bands3U8;
+impl ColorType for Bands3U8 {
+    type Inner = u8;
+    const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
+    const BITS_PER_SAMPLE: &'static [u16] = &[8; 3];
+    const SAMPLE_FORMAT: &'static [SampleFormat] = &[SampleFormat::Uint; 3];
+    fn horizontal_predict(_: &[u8], _: &mut Vec<u8>) {
+        unreachable!("written without a predictor")
+    }
+}
+
+/// A folder as users keep them: RGB photos (PNG, JPEG, an RGB TIFF, an RGBA PNG, a grey PNG)
+/// beside multispectral rasters. `--bands 3,2,1` applies to the rasters whose layout needs it
+/// (a 5-band and a 3-band multispectral TIFF, a 16-bit RGB TIFF); every 8-bit photo is read as
+/// RGB, as without `--bands`.
+#[test]
+fn bands_apply_to_multispectral_rasters_and_leave_photos_in_colour() {
+    let dir = temp("mixed");
+    let bgr = Some("3,2,1".parse::<Bands>().unwrap());
+    let px: Vec<u8> = (0..2 * 2 * 3).map(|v| 20 * v as u8).collect();
+    let rgb = image::RgbImage::from_raw(2, 2, px.clone()).unwrap();
+    let write = |name: &str, f: &dyn Fn(&std::path::Path)| {
+        let p = dir.join(name);
+        f(&p);
+        p
+    };
+    let photos = [
+        write("photo.png", &|p| rgb.save(p).unwrap()),
+        write("photo.jpg", &|p| rgb.save(p).unwrap()),
+        write("photo.tif", &|p| {
+            TiffEncoder::new(std::fs::File::create(p).unwrap())
+                .unwrap()
+                .write_image::<colortype::RGB8>(2, 2, &px)
+                .unwrap()
+        }),
+        write("alpha.png", &|p| {
+            image::DynamicImage::ImageRgb8(rgb.clone())
+                .to_rgba8()
+                .save(p)
+                .unwrap()
+        }),
+        write("grey.png", &|p| {
+            image::DynamicImage::ImageRgb8(rgb.clone())
+                .to_luma8()
+                .save(p)
+                .unwrap()
+        }),
+    ];
+    for p in &photos {
+        assert!(!bands_apply(p), "{}", p.display());
+        let plain = load_raster(p, None, LoadLimits::default()).unwrap();
+        let with = load_raster(p, bgr.as_ref(), LoadLimits::default()).unwrap();
+        assert_eq!(
+            with,
+            plain,
+            "{}: read as RGB whatever --bands says",
+            p.display()
+        );
+    }
+    // the RGB photo's colours are its own, not swapped
+    let tif = load_raster(&photos[2], bgr.as_ref(), LoadLimits::default()).unwrap();
+    assert_eq!(tif.data, px);
+    let ms3 = write("ms3.tif", &|p| {
+        TiffEncoder::new(std::fs::File::create(p).unwrap())
+            .unwrap()
+            .write_image::<Bands3U8>(2, 2, &px)
+            .unwrap()
+    });
+    let wide = write("rgb16.tif", &|p| {
+        let v: Vec<u16> = px.iter().map(|&x| 100 * x as u16).collect();
+        TiffEncoder::new(std::fs::File::create(p).unwrap())
+            .unwrap()
+            .write_image::<colortype::RGB16>(2, 2, &v)
+            .unwrap()
+    });
+    for p in [&ms3, &wide] {
+        assert!(bands_apply(p), "{}", p.display());
+    }
+    // the multispectral raster's bands 3, 2, 1 as red, green, blue
+    let img = load_raster(&ms3, bgr.as_ref(), LoadLimits::default()).unwrap();
+    let swapped: Vec<u8> = px.chunks(3).flat_map(|c| [c[2], c[1], c[0]]).collect();
+    assert_eq!(img.data, swapped);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bands_are_picked_and_wide_samples_stretched() {
     let dir = temp("bands");
@@ -343,25 +429,6 @@ fn bands_are_picked_and_wide_samples_stretched() {
     // a constant band has no range: black
     assert!(img.data.chunks(3).all(|p| p[1] == 0 && p[2] == p[0]));
 
-    // other formats: the bands are R, G, B
-    let png = dir.join("rgb.png");
-    image::RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6])
-        .unwrap()
-        .save(&png)
-        .unwrap();
-    let img = load_raster(
-        &png,
-        Some(&"3,2,1".parse::<Bands>().unwrap()),
-        LoadLimits::default(),
-    )
-    .unwrap();
-    assert_eq!(img.data, vec![3, 2, 1, 6, 5, 4]);
-    assert!(load_raster(
-        &png,
-        Some(&"4,2,1".parse::<Bands>().unwrap()),
-        LoadLimits::default()
-    )
-    .is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
     /// Bands of multi-band rasters to show the model as red,green,blue (1-based, as GDAL
-    /// counts; one band is shown as grey), e.g. 4,3,2 for Sentinel-2; as `harma index build
+    /// counts; one band is shown as grey), e.g. 4,3,2 for Sentinel-2; only for TIFFs that need
+    /// it (more bands than RGB/grey with alpha, or wider than 8 bits): 8-bit photos stay RGB; as `harma index build
     /// --bands`. Samples wider than 8 bits are stretched per band from their 2nd to 98th
     /// percentile
     #[arg(long, value_name = "R,G,B")]

@@ -116,7 +116,8 @@ pub struct BuildArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub stride: Option<u64>,
     /// Bands of multi-band rasters to show the model as red,green,blue (1-based, as GDAL
-    /// counts; one band is shown as grey), e.g. 4,3,2 for Sentinel-2. Samples wider than 8
+    /// counts; one band is shown as grey), e.g. 4,3,2 for Sentinel-2; only for TIFFs that need
+    /// it (more bands than RGB/grey with alpha, or wider than 8 bits): 8-bit photos stay RGB. Samples wider than 8
     /// bits are stretched per band from their 2nd to 98th percentile
     #[arg(long, value_name = "R,G,B")]
     pub bands: Option<Bands>,
