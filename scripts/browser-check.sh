@@ -3,7 +3,9 @@
 # (`cargo xtask search-demo`), indexes it, starts `harma serve` on 127.0.0.1, and drives headless
 # Chromium (Debian's package, through playwright-core from npm): types a query, checks the
 # result grid (tiles, thumbnails decoded, scores, files, coordinates), clicks a tile for "more
-# like this", checks an error message for a bad request, and saves a screenshot.
+# like this", checks an error message for a bad request, an empty query, the page at 390 px (a
+# phone: nothing wider than the screen) and the committed demo report at 390 px, and saves
+# screenshots.
 #
 #   scripts/browser-check.sh [OUT_DIR]     (default target/browser-check)
 #
@@ -45,5 +47,6 @@ for _ in $(seq 100); do
 done
 
 NODE_PATH="$driver/node_modules" node scripts/browser-check.mjs \
-  "http://127.0.0.1:$port/" "$out/search.png" "$(command -v chromium)"
+  "http://127.0.0.1:$port/" "$out/search.png" "$(command -v chromium)" \
+  "$(pwd)/docs/demo-report/report.html"
 echo "screenshots: $out/search.png, $out/search-like.png"

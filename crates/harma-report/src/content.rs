@@ -725,9 +725,12 @@ fn training_blocks(f: &Folder) -> Result<Vec<Block>> {
             file: "training.svg".into(),
             svg: training_figure(f)?,
             caption: format!(
-                "Per step: thin lines as logged, bold lines a centred moving average over {} steps. \
+                "Per step: thin lines as logged, bold lines {}. \
                  Val mR per evaluation; the dashed line is the model at step 0.",
-                plot::window(f.log.len())
+                match plot::window(f.log.len()) {
+                    1 => "as logged too (too few steps to smooth)".to_string(),
+                    w => format!("a centred moving average over {w} steps"),
+                }
             ),
         });
         blocks.push(Block::Table(training_table(f)));

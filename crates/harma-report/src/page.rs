@@ -117,7 +117,7 @@ h3{font-size:15px;margin:22px 0 8px;color:var(--soft);text-transform:uppercase;l
 .card .l{font-size:12px;color:var(--soft);text-transform:uppercase;letter-spacing:.04em}
 .card .v{font-size:26px;font-weight:650;margin:2px 0;font-variant-numeric:tabular-nums}
 .card .n{font-size:12px;color:var(--soft)}
-table{border-collapse:collapse;background:var(--card);border:1px solid var(--line);border-radius:8px;overflow:hidden;margin:8px 0 14px;font-size:13.5px}
+table{display:block;max-width:100%;overflow-x:auto;border-collapse:collapse;background:var(--card);border:1px solid var(--line);border-radius:8px;margin:8px 0 14px;font-size:13.5px}
 th,td{padding:6px 11px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:#fafafc;font-weight:600;color:var(--soft);font-size:12.5px}
 table.num td:not(:first-child),table.num th:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}
@@ -144,6 +144,7 @@ details{margin:8px 0}
 summary{cursor:pointer;color:var(--accent);font-weight:600}
 ul.notes{padding-left:20px}
 footer{margin-top:40px;color:var(--soft);font-size:12.5px}
+@media (max-width:600px){main{padding:18px 12px 40px}.qi{flex-direction:column}}
 "#;
 
 /// Strip what an inline SVG does not need in HTML (the XML namespace declaration).

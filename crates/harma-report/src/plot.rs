@@ -140,12 +140,22 @@ impl Panel {
         if x1 <= x0 {
             x1 = x0 + 1.0;
         }
-        let pad = if y1 > y0 {
-            (y1 - y0) * 0.06
+        let span = if y1 > y0 {
+            y1 - y0
         } else {
-            y0.abs() * 0.05 + 1e-9
+            y0.abs() * 0.8 + 1e-8
         };
-        Some(((x0, x1), (y0 - pad, y1 + pad)))
+        // room above the data for the legend (drawn in the top corner: about 9% of the
+        // plot's height per entry), so that no line or mark passes under it
+        let entries = self.levels.len() + self.lines.iter().filter(|l| l.label.is_some()).count();
+        let legend = if entries == 0 {
+            0.0
+        } else {
+            (0.06 + 0.09 * entries as f64).min(0.6)
+        };
+        let pad = span * 0.06;
+        let top = y1 + pad + (span + 2.0 * pad) * legend / (1.0 - legend);
+        Some(((x0, x1), (y0 - pad, top)))
     }
 }
 

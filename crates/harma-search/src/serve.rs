@@ -214,6 +214,12 @@ impl App {
                 content_type: "text/html; charset=utf-8",
                 body: PAGE.as_bytes().to_vec(),
             },
+            // browsers ask for it on every load: nothing, rather than a 404 in their console
+            "/favicon.ico" => Reply {
+                status: 204,
+                content_type: "image/x-icon",
+                body: Vec::new(),
+            },
             "/api/search" => self.search(query).unwrap_or_else(|e| e),
             "/api/info" => self.info(),
             _ => match path.strip_prefix("/api/tile/") {

@@ -367,6 +367,9 @@ fn json_api_answers_and_refuses() {
     );
     let post = app.handle("POST", "/api/search?q=axis+1");
     assert_eq!(post.status, 405);
+    // the icon browsers ask for: no content, not an error
+    let icon = app.handle("GET", "/favicon.ico");
+    assert_eq!((icon.status, icon.body.len()), (204, 0));
     drop(images);
     std::fs::remove_dir_all(&dir).unwrap();
 }
