@@ -103,12 +103,135 @@ pub fn table(results: &[Ranked]) -> String {
     s
 }
 
-/// A GeoJSON FeatureCollection: each result a Polygon (its box) with its rank, score, file and
-/// pixel box as properties. Results without georeferencing have a null geometry. When every
-/// georeferenced result shares one EPSG code the collection names it in a `crs` member (the
-/// 2008 GeoJSON form, which GDAL and so QGIS read; RFC 7946 has no other way to say it);
-/// results in another CRS than the first's also get a null geometry, their box in properties.
-pub fn geojson(results: &[Ranked]) -> Value {
+/// How `--geojson` writes a tile's box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeoJsonCrs {
+    /// RFC 7946: WGS84 longitude/latitude, the box's corners reprojected from its CRS (what
+    /// web maps, geojson.io, DuckDB and GeoPandas read); the native box and EPSG code are
+    /// properties.
+    Wgs84,
+    /// The raster's own CRS, named in a `crs` member (the 2008 GeoJSON form, which GDAL and so
+    /// QGIS read).
+    Native,
+}
+
+/// A GeoJSON FeatureCollection: each result a Polygon (its box) with its rank, score, file,
+/// pixel box, native box and EPSG code as properties; results without georeferencing (or whose
+/// CRS cannot be reprojected, the reason in `reprojection_error`) have a null geometry.
+pub fn geojson(results: &[Ranked], crs: GeoJsonCrs) -> Value {
+    match crs {
+        GeoJsonCrs::Native => geojson_native(results),
+        GeoJsonCrs::Wgs84 => geojson_wgs84(results),
+    }
+}
+
+/// The properties every feature carries.
+fn properties(r: &Ranked) -> serde_json::Map<String, Value> {
+    let t = &r.tile;
+    let v = json!({
+        "rank": r.rank,
+        "score": r.score,
+        "tile_id": t.id,
+        "file": t.file,
+        "x": t.tile.x, "y": t.tile.y, "w": t.tile.w, "h": t.tile.h,
+        "edge": t.tile.edge,
+        "epsg": t.epsg,
+        "bbox": t.bbox,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("an object"),
+    }
+}
+
+fn geojson_wgs84(results: &[Ranked]) -> Value {
+    let mut projections = Wgs84Corners::default();
+    let features: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            let t = &r.tile;
+            let mut props = properties(r);
+            let geometry = match (t.bbox, t.epsg) {
+                (Some(bbox), Some(epsg)) => match projections.corners(bbox, epsg) {
+                    Ok(ring) => json!({ "type": "Polygon", "coordinates": [ring] }),
+                    Err(e) => {
+                        props.insert("reprojection_error".into(), e.into());
+                        Value::Null
+                    }
+                },
+                (Some(_), None) => {
+                    props.insert(
+                        "reprojection_error".into(),
+                        "the raster's CRS has no EPSG code".into(),
+                    );
+                    Value::Null
+                }
+                _ => Value::Null,
+            };
+            json!({ "type": "Feature", "id": t.id, "geometry": geometry, "properties": props })
+        })
+        .collect();
+    json!({ "type": "FeatureCollection", "features": features })
+}
+
+/// Boxes to WGS84 corners, each CRS's projection made once.
+#[derive(Default)]
+pub struct Wgs84Corners {
+    made: std::collections::HashMap<u32, std::result::Result<proj4rs::Proj, String>>,
+    wgs84: Option<proj4rs::Proj>,
+}
+
+impl Wgs84Corners {
+    /// The corners of `bbox` (min x, min y, max x, max y in EPSG:`epsg`) as WGS84 longitude
+    /// and latitude in degrees: a closed ring, counter-clockwise as RFC 7946 asks of exterior
+    /// rings (for a north-up box).
+    pub fn corners(
+        &mut self,
+        bbox: [f64; 4],
+        epsg: u32,
+    ) -> std::result::Result<Vec<[f64; 2]>, String> {
+        use proj4rs::Proj;
+        let src = self
+            .made
+            .entry(epsg)
+            .or_insert_with(|| {
+                u16::try_from(epsg)
+                    .map_err(|_| format!("EPSG:{epsg} is not a known code"))
+                    .and_then(|c| {
+                        Proj::from_epsg_code(c)
+                            .map_err(|e| format!("EPSG:{epsg} cannot be reprojected: {e}"))
+                    })
+            })
+            .as_ref()
+            .map_err(|e| e.clone())?;
+        let dst = self.wgs84.get_or_insert_with(|| {
+            Proj::from_epsg_code(4326).expect("EPSG:4326 is among the definitions")
+        });
+        let [x0, y0, x1, y1] = bbox;
+        let mut ring = Vec::with_capacity(5);
+        for (x, y) in [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)] {
+            // geographic coordinates go in and come out in radians
+            let mut p = if src.is_latlong() {
+                (x.to_radians(), y.to_radians())
+            } else {
+                (x, y)
+            };
+            proj4rs::transform::transform(src, dst, &mut p)
+                .map_err(|e| format!("EPSG:{epsg} ({x}, {y}) cannot be reprojected: {e}"))?;
+            let (lon, lat) = (p.0.to_degrees(), p.1.to_degrees());
+            if !(lon.is_finite() && lat.is_finite()) {
+                return Err(format!("EPSG:{epsg} ({x}, {y}) has no place on the globe"));
+            }
+            ring.push([lon, lat]);
+        }
+        Ok(ring)
+    }
+}
+
+/// The 2008 form: coordinates in the raster's CRS, named in a `crs` member when every
+/// georeferenced result shares one EPSG code; results in another CRS than the first's get a
+/// null geometry, their box in properties.
+fn geojson_native(results: &[Ranked]) -> Value {
     let crs = results
         .iter()
         .find(|r| r.tile.bbox.is_some())
@@ -128,16 +251,7 @@ pub fn geojson(results: &[Ranked]) -> Value {
                 "type": "Feature",
                 "id": t.id,
                 "geometry": geometry,
-                "properties": {
-                    "rank": r.rank,
-                    "score": r.score,
-                    "tile_id": t.id,
-                    "file": t.file,
-                    "x": t.tile.x, "y": t.tile.y, "w": t.tile.w, "h": t.tile.h,
-                    "edge": t.tile.edge,
-                    "epsg": t.epsg,
-                    "bbox": t.bbox,
-                },
+                "properties": properties(r),
             })
         })
         .collect();
@@ -175,7 +289,7 @@ mod tests {
 
     #[test]
     fn geojson_boxes_in_one_crs() {
-        let fc = geojson(&[
+        let fc = geojson_native(&[
             r(1, Some([10.0, 20.0, 30.0, 40.0]), Some(32633)),
             r(2, None, None),
             r(3, Some([0.0, 0.0, 1.0, 1.0]), Some(4326)),

@@ -11,7 +11,7 @@ use harma_clip::ClipTokenizer;
 use harma_data::{preprocess_eval, LoadLimits, LoadSettings};
 use harma_raster::{load_raster, preprocess_whole, Bands};
 use harma_search::exact;
-use harma_search::output::{geojson, ranked, table};
+use harma_search::output::{geojson, ranked, table, GeoJsonCrs};
 use harma_search::serve::{self, App};
 use harma_search::store::FileId;
 use harma_search::Index;
@@ -148,10 +148,15 @@ pub struct SearchArgs {
     /// Lance table of `harma index export-lance`) the same question
     #[arg(long, requires = "json")]
     pub vector: bool,
-    /// Print the results as a GeoJSON FeatureCollection (QGIS opens it): boxes in the rasters'
-    /// CRS; results without georeferencing have no geometry
+    /// Print the results as a GeoJSON FeatureCollection (RFC 7946): each tile's box as a
+    /// WGS84 longitude/latitude polygon, its corners reprojected from the raster's CRS, with the
+    /// native box and EPSG code as properties; results without georeferencing have no geometry
     #[arg(long)]
     pub geojson: bool,
+    /// With --geojson: boxes in the rasters' own CRS instead, named in a `crs` member (the 2008
+    /// GeoJSON form GDAL and QGIS read; strict RFC 7946 readers do not)
+    #[arg(long, requires = "geojson")]
+    pub geojson_native: bool,
     #[command(flatten)]
     pub model: QueryModelArgs,
 }
@@ -194,7 +199,12 @@ pub fn run_search(args: &SearchArgs) -> Result<()> {
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else if args.geojson {
-        println!("{}", serde_json::to_string_pretty(&geojson(&results))?);
+        let crs = if args.geojson_native {
+            GeoJsonCrs::Native
+        } else {
+            GeoJsonCrs::Wgs84
+        };
+        println!("{}", serde_json::to_string_pretty(&geojson(&results, crs))?);
     } else {
         print!("{}", table(&results));
     }

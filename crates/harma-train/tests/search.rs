@@ -270,8 +270,16 @@ fn index_search_and_geojson_with_georeferenced_tiles() {
     assert_eq!(top["file"], "sub/small.png");
     assert!((top["score"].as_f64().unwrap() - 1.0).abs() < 1e-5);
 
-    // GeoJSON: a FeatureCollection in EPSG:32633 with the boxes as polygons
-    let o = harma(&["search", s(&index), "harbour", "--geojson", "-k", "9"]);
+    // GeoJSON, the native form: a FeatureCollection in EPSG:32633 with the boxes as polygons
+    let o = harma(&[
+        "search",
+        s(&index),
+        "harbour",
+        "--geojson",
+        "--geojson-native",
+        "-k",
+        "9",
+    ]);
     ok(&o);
     let fc: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(fc["type"], "FeatureCollection");
@@ -296,6 +304,27 @@ fn index_search_and_geojson_with_georeferenced_tiles() {
         corner["geometry"]["coordinates"][0][0],
         serde_json::json!([500000.0, 3998720.0])
     );
+    // RFC 7946 (the default): the same corner in WGS84 degrees, the native box a property
+    let o = harma(&["search", s(&index), "harbour", "--geojson", "-k", "9"]);
+    ok(&o);
+    let fc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(fc.get("crs").is_none());
+    let corner = fc["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["properties"]["file"] == "geo.tif"
+                && f["properties"]["x"] == 0
+                && f["properties"]["y"] == 0
+        })
+        .unwrap();
+    let at = &corner["geometry"]["coordinates"][0][0];
+    // UTM 33N easting 500000 is the zone's central meridian, 15 degrees east
+    assert!((at[0].as_f64().unwrap() - 15.0).abs() < 1e-9, "{at}");
+    assert!((36.0..36.2).contains(&at[1].as_f64().unwrap()), "{at}");
+    assert_eq!(corner["properties"]["epsg"], 32633);
+    assert_eq!(corner["properties"]["bbox"][0], 500000.0);
     assert!(features
         .iter()
         .filter(|f| f["properties"]["file"] != "geo.tif")
