@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Compute, Kernels, Precision};
+use harma_clip::{BlockHook, Clip, ClipConfig, ClipTokenizer, Kernels, Precision};
 use harma_kernels::compute::ComputeSettings;
 use harma_train::flags::Flags;
 
@@ -583,7 +583,7 @@ fn embed_workloads<'a>(
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let compute = Compute::cpu();
+    let compute = crate::workloads::cpu_compute()?;
     let iters = if args.quick { 2 } else { 6 };
     let b = args.batch;
     let cfg = ClipConfig::vit_b32_quickgelu();

@@ -165,7 +165,7 @@ fn inputs(cfg: &ClipConfig, b: usize, device: &Device) -> Result<(Tensor, Tensor
 /// The parity section of the report.
 fn parity(cfg: &ClipConfig, device: &Device) -> Result<serde_json::Value> {
     let b = 4;
-    let cpu = Compute::cpu();
+    let cpu = crate::workloads::cpu_compute()?;
     // drawn once, for both sides
     let weights = random_weights(cfg, &cpu.device)?;
     let model_cpu = model_from(weights.clone(), cfg, &cpu)?;

@@ -24,6 +24,22 @@ pub fn random_weights(cfg: &ClipConfig, device: &Device) -> Result<HashMap<Strin
     )?)
 }
 
+/// f32 on the CPU with the bf16 kernel `HARMA_BF16_KERNEL` names, if this CPU has it, else
+/// the fastest it has: what `harma` reads into `--bf16-kernel` (and `HARMA_AMX=0`, which
+/// `start_up` turns into it), for the workloads xtask runs in its own process.
+pub fn cpu_compute() -> Result<Compute> {
+    use harma_kernels::compute::{Bf16Kernel, ComputeSettings, DeviceSpec};
+    let kernel = std::env::var("HARMA_BF16_KERNEL")
+        .ok()
+        .and_then(|n| Bf16Kernel::from_name(&n));
+    ComputeSettings {
+        device: DeviceSpec::Cpu,
+        bf16_kernel: kernel,
+        ..Default::default()
+    }
+    .compute()
+}
+
 /// A CLIP of `cfg` with random weights (`init`, drawn from `rng`) written to `path` as
 /// safetensors (atomically): the models that the demos, checks and benches load from a file.
 pub fn write_random_model(
