@@ -169,6 +169,7 @@ fn build_vs_embed(args: &Args, net: &ModelArgs, work: &Path) -> Result<serde_jso
                 stride: None,
                 bands: None,
                 batch_size: 32,
+                shard: None,
             };
             let report = harma_train::index::build(&b, &Arc::new(AtomicBool::new(false)), false)?;
             rates.push(report.tiles as f64 / report.secs);

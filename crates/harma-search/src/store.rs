@@ -60,6 +60,9 @@ pub struct Settings {
     pub stride: usize,
     /// `--bands`, 1-based, when given.
     pub bands: Option<String>,
+    /// `--shard I/N`: the share of the folder's files this index holds, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 /// A file as it was when the index was built: where, its sha256, and its size and modification

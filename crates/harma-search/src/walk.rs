@@ -15,6 +15,50 @@ pub fn has_extension(path: &Path, extensions: &[&str]) -> bool {
         .is_some_and(|e| extensions.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// A deterministic share of a folder's files (`--shard I/N`): file `rel` belongs to shard
+/// `hash(rel) mod N`, the hash the first 8 bytes of the sha256 of its relative path with `/`
+/// separators. The same on every machine, independent of listing order and of the other
+/// files: shards of one folder built anywhere partition it, and a file keeps its shard as the
+/// folder grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Shard {
+    /// Whether the file at `rel` (relative to the images folder) is in this shard.
+    pub fn takes(&self, rel: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(rel.replace('\\', "/").as_bytes());
+        let n = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+        n % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("--shard {s}: expected I/N with 0 <= I < N (e.g. 0/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<u64>().map_err(|_| bad())?,
+            n.trim().parse::<u64>().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 /// Every file under `root` with one of `extensions`, sorted by path.
 pub fn find_images(root: &Path, extensions: &[&str]) -> Result<Vec<Found>> {
     let mut out = Vec::new();

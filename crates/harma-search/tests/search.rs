@@ -41,6 +41,7 @@ fn settings(images: &Path) -> Settings {
         tile: 32,
         stride: 32,
         bands: None,
+        shard: None,
     }
 }
 

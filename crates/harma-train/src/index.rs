@@ -124,6 +124,11 @@ pub struct BuildArgs {
     /// Tiles per forward pass
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    /// Index only shard I of N of the folder's files (0 <= I < N): a deterministic share by
+    /// the hash of each file's relative path, the same on every machine, so N builds (on N
+    /// machines) together cover the folder once; each shard is an index of its own
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<harma_search::walk::Shard>,
 }
 
 pub fn run(args: &IndexArgs) -> Result<()> {
@@ -166,6 +171,7 @@ pub fn model_settings(
         tile: 0,
         stride: 0,
         bands: None,
+        shard: None,
     })
 }
 
@@ -216,6 +222,18 @@ fn same_build(stored: &Settings, new: &Settings) -> std::result::Result<(), Stri
             "the index covers {}, not {}: give that folder, or a new --out for this one",
             stored.images.display(),
             new.images.display()
+        ));
+    }
+    if stored.shard != new.shard {
+        let shown = |s: &Option<String>| {
+            s.as_ref()
+                .map_or("all files".into(), |s| format!("--shard {s}"))
+        };
+        return Err(format!(
+            "the index holds {} of the folder; this build asks for {}: a shard is an index of \
+             its own, give it a new --out",
+            shown(&stored.shard),
+            shown(&new.shard)
         ));
     }
     let tiling = |s: &Settings| (s.tile, s.stride, s.bands.clone());
@@ -291,7 +309,16 @@ pub fn build(args: &BuildArgs, stop: &Arc<AtomicBool>, handle_ctrlc: bool) -> Re
         .images
         .canonicalize()
         .with_context(|| format!("cannot read image folder {}", args.images.display()))?;
-    let found = harma_search::walk::find_images(&root, IMAGE_EXTENSIONS)?;
+    let mut found = harma_search::walk::find_images(&root, IMAGE_EXTENSIONS)?;
+    if let Some(shard) = &args.shard {
+        let all = found.len();
+        found.retain(|f| shard.takes(&f.rel));
+        eprintln!(
+            "shard {shard}: {} of the {all} images under {}",
+            found.len(),
+            args.images.display()
+        );
+    }
     if found.is_empty() {
         bail!(
             "no images ({}) under {}",
@@ -305,6 +332,7 @@ pub fn build(args: &BuildArgs, stop: &Arc<AtomicBool>, handle_ctrlc: bool) -> Re
     settings.tile = tile;
     settings.stride = stride;
     settings.bands = args.bands.as_ref().map(|b| b.to_string());
+    settings.shard = args.shard.map(|s| s.to_string());
     // tests only (a build with harma-search's `fault-injection`): a crash (abort) after a step
     // of creating the index, or after N batches
     let crash_point = |var: &str| {

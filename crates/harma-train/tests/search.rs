@@ -670,3 +670,82 @@ fn embed_reads_the_chosen_bands() {
     assert!(e.contains("a.tif") && e.contains("band 5"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `index build --shard I/N`: the shards of a folder partition its files, each shard is an
+/// index of its own, and the shards' results merged by score are the whole index's.
+#[test]
+fn shards_partition_the_folder_and_merge_to_the_whole_index() {
+    let st = setup("shards");
+    std::fs::create_dir_all(st.images.join("extra")).unwrap();
+    for i in 0..10 {
+        write_png(
+            &st.images.join(format!("extra/scene-{i}.png")),
+            96,
+            96,
+            10 + i,
+        );
+    }
+    let whole = st.dir.join("whole");
+    ok(&build(&st, &whole, &[]));
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let out = st.dir.join(format!("shard-{i}"));
+            ok(&build(&st, &out, &["--shard", &format!("{i}/2")]));
+            out
+        })
+        .collect();
+    let hits = |index: &Path| -> Vec<Value> {
+        search_json(index, &["a harbour with boats"])["results"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let key = |h: &Value| {
+        (
+            h["file"].as_str().unwrap().to_string(),
+            h["x"].clone(),
+            h["y"].clone(),
+        )
+    };
+    let files = |hs: &[Value]| -> std::collections::BTreeSet<String> {
+        hs.iter()
+            .map(|h| h["file"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = hits(&whole);
+    let parts: Vec<Vec<Value>> = shards.iter().map(|s| hits(s)).collect();
+    // a partition: no file in both, none missing, neither shard empty
+    let (a, b) = (files(&parts[0]), files(&parts[1]));
+    assert!(!a.is_empty() && !b.is_empty(), "{a:?} {b:?}");
+    assert!(a.is_disjoint(&b), "{a:?} {b:?}");
+    assert_eq!(
+        a.union(&b)
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        files(&all)
+    );
+    // merged by score, the shards give the whole index's ranking and scores
+    let mut merged: Vec<Value> = parts.concat();
+    merged.sort_by(|x, y| {
+        y["score"]
+            .as_f64()
+            .unwrap()
+            .total_cmp(&x["score"].as_f64().unwrap())
+    });
+    assert_eq!(merged.len(), all.len());
+    for (m, w) in merged.iter().zip(&all).take(10) {
+        assert_eq!(key(m), key(w));
+        assert!((m["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    // a shard is an index of its own: another share of the folder is refused there
+    let e = failed(&build(&st, &shards[0], &["--shard", "1/2"]));
+    assert!(
+        e.contains("--shard 0/2") && e.contains("--shard 1/2"),
+        "{e}"
+    );
+    let e = failed(&build(&st, &whole, &["--shard", "0/2"]));
+    assert!(e.contains("all files") && e.contains("new --out"), "{e}");
+    let e = failed(&build(&st, &st.dir.join("bad"), &["--shard", "2/2"]));
+    assert!(e.contains("0 <= I < N"), "{e}");
+    std::fs::remove_dir_all(&st.dir).unwrap();
+}
