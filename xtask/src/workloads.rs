@@ -24,17 +24,15 @@ pub fn random_weights(cfg: &ClipConfig, device: &Device) -> Result<HashMap<Strin
     )?)
 }
 
-/// f32 on the CPU with the bf16 kernel `HARMA_BF16_KERNEL` names, if this CPU has it, else
-/// the fastest it has: what `harma` reads into `--bf16-kernel` (and `HARMA_AMX=0`, which
-/// `start_up` turns into it), for the workloads xtask runs in its own process.
+/// f32 on the CPU with the bf16 kernel `HARMA_BF16_KERNEL` names (read as `harma` reads it
+/// into `--bf16-kernel`; `HARMA_AMX=0` is turned into it by `start_up`), else the fastest
+/// this CPU has: for the workloads xtask runs in its own process.
 pub fn cpu_compute() -> Result<Compute> {
-    use harma_kernels::compute::{Bf16Kernel, ComputeSettings, DeviceSpec};
-    let kernel = std::env::var("HARMA_BF16_KERNEL")
-        .ok()
-        .and_then(|n| Bf16Kernel::from_name(&n));
+    use harma_kernels::compute::{ComputeSettings, DeviceSpec};
+    let settings = harma_train::flags::from_env::<ComputeSettings>()?;
     ComputeSettings {
         device: DeviceSpec::Cpu,
-        bf16_kernel: kernel,
+        bf16_kernel: settings.bf16_kernel,
         ..Default::default()
     }
     .compute()

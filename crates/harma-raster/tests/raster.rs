@@ -252,41 +252,36 @@ fn geotiff_boxes_match_hand_computed_values() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Five-band 16-bit TIFFs, as Sentinel-2 or Landsat exports.
-struct Bands5U16;
-impl ColorType for Bands5U16 {
-    type Inner = u16;
-    const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
-    const BITS_PER_SAMPLE: &'static [u16] = &[16; 5];
-    const SAMPLE_FORMAT: &'static [SampleFormat] = &[SampleFormat::Uint; 5];
-    fn horizontal_predict(_: &[u16], _: &mut Vec<u16>) {
-        unreachable!("written without a predictor")
-    }
+/// A TIFF colour type of `$n` unsigned `$t` bands marked grey (BlackIsZero), written without
+/// a predictor: the multispectral exports the band tests read.
+macro_rules! grey_bands {
+    ($(#[doc = $doc:literal])* $name:ident, $t:ty, $bits:literal, $n:literal) => {
+        $(#[doc = $doc])*
+        struct $name;
+        impl ColorType for $name {
+            type Inner = $t;
+            const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
+            const BITS_PER_SAMPLE: &'static [u16] = &[$bits; $n];
+            const SAMPLE_FORMAT: &'static [SampleFormat] = &[SampleFormat::Uint; $n];
+            fn horizontal_predict(_: &[$t], _: &mut Vec<$t>) {
+                unreachable!("written without a predictor")
+            }
+        }
+    };
 }
 
-/// Five-band 8-bit.
-struct Bands5U8;
-impl ColorType for Bands5U8 {
-    type Inner = u8;
-    const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
-    const BITS_PER_SAMPLE: &'static [u16] = &[8; 5];
-    const SAMPLE_FORMAT: &'static [SampleFormat] = &[SampleFormat::Uint; 5];
-    fn horizontal_predict(_: &[u8], _: &mut Vec<u8>) {
-        unreachable!("written without a predictor")
-    }
-}
-
-/// Three-band 8-bit marked grey (BlackIsZero): a multispectral export, not an RGB photo.
-struct Bands3U8;
-impl ColorType for Bands3U8 {
-    type Inner = u8;
-    const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
-    const BITS_PER_SAMPLE: &'static [u16] = &[8; 3];
-    const SAMPLE_FORMAT: &'static [SampleFormat] = &[SampleFormat::Uint; 3];
-    fn horizontal_predict(_: &[u8], _: &mut Vec<u8>) {
-        unreachable!("written without a predictor")
-    }
-}
+grey_bands!(
+    /// Five-band 16-bit TIFFs, as Sentinel-2 or Landsat exports.
+    Bands5U16, u16, 16, 5
+);
+grey_bands!(
+    /// Five-band 8-bit.
+    Bands5U8, u8, 8, 5
+);
+grey_bands!(
+    /// Three-band 8-bit marked grey: a multispectral export, not an RGB photo.
+    Bands3U8, u8, 8, 3
+);
 
 /// A folder as users keep them: RGB photos (PNG, JPEG, an RGB TIFF, an RGBA PNG, a grey PNG)
 /// beside multispectral rasters. `--bands 3,2,1` applies to the rasters whose layout needs it

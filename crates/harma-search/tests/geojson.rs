@@ -12,6 +12,17 @@ fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// A fixture box's `bbox` (min x, min y, max x, max y).
+fn bbox_of(b: &serde_json::Value) -> [f64; 4] {
+    let v: Vec<f64> = b["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    v.try_into().expect("four numbers")
+}
+
 /// Metres on the ground between two lon/lat points (a sphere of the WGS84 semi-major axis is
 /// close enough to judge centimetres).
 fn metres(a: [f64; 2], b: [f64; 2]) -> f64 {
@@ -27,14 +38,9 @@ fn corners_equal_projs_in_every_kind_of_crs() {
     let mut corners = Wgs84Corners::default();
     for b in f["boxes"].as_array().unwrap() {
         let epsg = b["epsg"].as_u64().unwrap() as u32;
-        let bbox: Vec<f64> = b["bbox"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let bbox = bbox_of(b);
         let ring = corners
-            .corners([bbox[0], bbox[1], bbox[2], bbox[3]], epsg)
+            .corners(bbox, epsg)
             .unwrap_or_else(|e| panic!("{}: {e}", b["what"]));
         assert_eq!(ring.len(), 5);
         assert_eq!(ring[0], ring[4], "closed");
@@ -67,12 +73,7 @@ fn corners_equal_projs_in_every_kind_of_crs() {
 fn the_collection_is_rfc_7946_with_the_native_box_kept() {
     let f = fixture();
     let b = &f["boxes"][2];
-    let bbox: Vec<f64> = b["bbox"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let bbox = bbox_of(b);
     let tile = |id: i64, bbox: Option<[f64; 4]>, epsg: Option<u32>| Ranked {
         rank: id as usize,
         score: 0.5,
@@ -90,7 +91,7 @@ fn the_collection_is_rfc_7946_with_the_native_box_kept() {
             epsg,
         },
     };
-    let native = [bbox[0], bbox[1], bbox[2], bbox[3]];
+    let native = bbox;
     let fc = geojson(
         &[
             tile(1, Some(native), Some(32725)),

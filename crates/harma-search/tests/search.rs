@@ -385,14 +385,12 @@ struct Running {
 
 impl Running {
     fn start(app: serve::App) -> Self {
-        let listener = serve::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let handle = {
-            let (app, stop) = (Arc::new(app), stop.clone());
-            std::thread::spawn(move || serve::run(app, listener, 2, false, &stop))
+        // what `serve::run` serves with 2 threads and no log
+        let cfg = ServeConfig {
+            threads: 2,
+            ..ServeConfig::default()
         };
-        Self { addr, stop, handle }
+        Self::start_with(app, cfg)
     }
 
     /// `serve::run_with` and `cfg`.

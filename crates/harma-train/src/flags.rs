@@ -145,6 +145,13 @@ pub fn given<T: Settings>(m: &ArgMatches) -> toml::Table {
     table
 }
 
+/// `T`'s defaults under what the environment gives the settings that read a variable, as a
+/// command line without flags sees it (xtask's in-process workloads: `HARMA_BF16_KERNEL`).
+pub fn from_env<T: Settings>() -> Result<T, clap::Error> {
+    let m = augment::<T>(Command::new("env")).try_get_matches_from(["env"])?;
+    resolve(&given::<T>(&m))
+}
+
 /// `T`'s defaults under the flags given.
 pub fn resolve<T: Settings>(given: &toml::Table) -> Result<T, clap::Error> {
     let mut table = T::defaults();

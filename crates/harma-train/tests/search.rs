@@ -150,6 +150,18 @@ fn build_env(st: &Setup, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Ou
     harma_env(&args, env)
 }
 
+/// The feature of geo.tif's tile at pixel 0,0.
+fn top_left_geo_tile(features: &[Value]) -> &Value {
+    features
+        .iter()
+        .find(|f| {
+            f["properties"]["file"] == "geo.tif"
+                && f["properties"]["x"] == 0
+                && f["properties"]["y"] == 0
+        })
+        .unwrap()
+}
+
 fn search_json(index: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["search", s(index), "--json", "-k", "100"];
     args.extend_from_slice(extra);
@@ -292,14 +304,7 @@ fn index_search_and_geojson_with_georeferenced_tiles() {
         .collect();
     assert_eq!(geo.len(), 6);
     assert!(geo.iter().all(|f| f["geometry"]["type"] == "Polygon"));
-    let corner = features
-        .iter()
-        .find(|f| {
-            f["properties"]["file"] == "geo.tif"
-                && f["properties"]["x"] == 0
-                && f["properties"]["y"] == 0
-        })
-        .unwrap();
+    let corner = top_left_geo_tile(features);
     assert_eq!(
         corner["geometry"]["coordinates"][0][0],
         serde_json::json!([500000.0, 3998720.0])
@@ -309,16 +314,7 @@ fn index_search_and_geojson_with_georeferenced_tiles() {
     ok(&o);
     let fc: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(fc.get("crs").is_none());
-    let corner = fc["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| {
-            f["properties"]["file"] == "geo.tif"
-                && f["properties"]["x"] == 0
-                && f["properties"]["y"] == 0
-        })
-        .unwrap();
+    let corner = top_left_geo_tile(fc["features"].as_array().unwrap());
     let at = &corner["geometry"]["coordinates"][0][0];
     // UTM 33N easting 500000 is the zone's central meridian, 15 degrees east
     assert!((at[0].as_f64().unwrap() - 15.0).abs() < 1e-9, "{at}");
